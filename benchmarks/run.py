@@ -1,0 +1,56 @@
+"""Benchmark runner: ``python benchmarks/run.py NAME [--quick]`` writes results/NAME.{json,md}.
+
+Each benchmark module defines ``run(quick: bool) -> dict`` (the JSON payload, with a "markdown"
+key holding the human summary). Numbers are measured in one run on this machine; medians and
+ratios only, since the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = {"loop_overhead": "loop_overhead"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run; results not committed)")
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    module = importlib.import_module(BENCHMARKS[args.name])
+    started = time.time()
+    payload = module.run(quick=args.quick)
+    import torch
+
+    payload["machine"] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": payload.pop("device", "cpu"),
+    }
+    payload["command"] = f"python benchmarks/run.py {args.name}" + (" --quick" if args.quick else "")
+    payload["date"] = time.strftime("%Y-%m-%d", time.gmtime(started))
+    markdown = payload.pop("markdown")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    header = f"# {args.name}\n\n`{payload['command']}` — {payload['date']}, {payload['machine']['processor']}, " \
+             f"torch {payload['machine']['torch']}, {payload['machine']['threads']} threads, " \
+             f"{payload['machine']['device']}\n\n"
+    (out / f"{args.name}.md").write_text(header + markdown + "\n")
+    print(header + markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

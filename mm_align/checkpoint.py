@@ -1,0 +1,193 @@
+"""Checkpoints: ``checkpoint-N/`` written atomically, keep-last-k, exact resume.
+
+A checkpoint is first written to a hidden temporary directory and renamed to ``checkpoint-N``
+only once every file (``trainer_state.json`` last) is on disk, so a run killed mid-save leaves
+no directory that :func:`find_latest` would pick. Nothing is pickled: weights in safetensors,
+the optimiser state through ``torch.save`` / ``torch.load(weights_only=True)``, the rest JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = [
+    "CHECKPOINT_RE",
+    "find_latest",
+    "list_checkpoints",
+    "save_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "write_json_atomic",
+]
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those holding ``trainer_state.json``), oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = CHECKPOINT_RE.match(child.name)
+        if m and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(m.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def find_latest(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir``, or None."""
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU (and CUDA) generator states as JSON-able data."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": _tuple_to_json(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(_json_to_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]]
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _tuple_to_json(value: Any) -> Any:
+    return [_tuple_to_json(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _json_to_tuple(value: Any) -> Any:
+    return tuple(_json_to_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def model_state(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds: the trainable parameters (LoRA) or the whole state dict."""
+    if trainable_only:
+        return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().contiguous() for n, t in model.state_dict().items()}
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    *,
+    trainable_only: bool,
+    is_main: bool,
+    rank: int,
+    barrier: Any,
+    keep_last: int | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write ``output_dir/checkpoint-{step}`` atomically and prune to the newest ``keep_last``.
+
+    Every process writes its own RNG state; the main process writes weights, optimiser,
+    scheduler and (last) ``trainer_state.json``, then renames the directory into place.
+    ``barrier`` is a callable that waits for every process (``accelerator.wait_for_everyone``).
+    """
+    root = Path(output_dir)
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".checkpoint-{step}.tmp"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    write_json_atomic(tmp / f"rng_state_{rank}.json", rng_state())
+    barrier()
+    if is_main:
+        save_file(model_state(model, trainable_only), str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_json_atomic(tmp / "scheduler.json", _jsonable(scheduler.state_dict()))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        write_json_atomic(tmp / STATE_FILE, trainer_state)
+        if final.exists():  # a resumed run reaching the same step again: replace the old one
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last is not None:
+            for old in list_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    trainable_only: bool,
+    rank: int,
+) -> dict[str, Any]:
+    """Restore weights, optimiser, scheduler and this process's RNG; return the trainer state."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+    weights = load_file(str(path / "model.safetensors"))
+    expected = model_state(model, trainable_only)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+            "(was it written with another finetune mode or LoRA target list?)"
+        )
+    model.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    rng_file = path / f"rng_state_{rank}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return None  # e.g. lambdas inside LambdaLR: rebuilt from the config, never serialised

@@ -1,0 +1,179 @@
+"""``mm-align``: one entry point, an explicit list of commands.
+
+    mm-align train --config CONFIG [key=value ...]
+    mm-align generate|evaluate|bench MODALITY [args ...]
+    mm-align doctor DATA [--format F] [--kind paired|unpaired]
+    mm-align report RUN_DIR
+    mm-align quickstart [--output-dir DIR]
+    mm-align ls [losses|adapters|configs]
+
+Every command also runs as ``accelerate launch -m mm_align.cli COMMAND ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+COMMANDS = ("train", "generate", "evaluate", "bench", "doctor", "report", "quickstart", "ls")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mm-align", description="Preference alignment across modalities.")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a model on preference data")
+    t.add_argument("--config", required=True, help="a YAML file or the name of a shipped config (mm-align ls)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=1e-5")
+
+    modality_commands = (("generate", "generate preference data"), ("evaluate", "score samples"), ("bench", "bench"))
+    for name, what in modality_commands:
+        g = sub.add_parser(name, help=f"{what} for a modality")
+        g.add_argument("modality", help="image, video, vlm or speech")
+        g.add_argument("args", nargs=argparse.REMAINDER, help="the modality command's own arguments")
+
+    d = sub.add_parser("doctor", help="validate a preference dataset before training")
+    d.add_argument("data", help="jsonl file, parquet file or shard directory, or HF dataset directory")
+    d.add_argument("--format", default="auto")
+    d.add_argument("--kind", choices=("paired", "unpaired"), default="paired")
+
+    r = sub.add_parser("report", help="render a run's training curves as one HTML page")
+    r.add_argument("run_dir")
+    r.add_argument("--output", default=None)
+
+    q = sub.add_parser("quickstart", help="the embedded default, end to end, with a report")
+    q.add_argument("--output-dir", default="runs/quickstart")
+    q.add_argument("--steps", type=int, default=800)
+
+    ls = sub.add_parser("ls", help="list losses, adapters and shipped configs")
+    ls.add_argument("what", nargs="?", choices=("losses", "adapters", "configs"), default=None)
+    return p
+
+
+def cmd_train(config: str, overrides: Sequence[str]) -> int:
+    from mm_align.config import from_dict, load_config
+    from mm_align.data import ColumnMap, read_preferences
+    from mm_align.losses import get_loss
+    from mm_align.recipes import build_adapter, resolve_config_path
+    from mm_align.run_config import DataConfig, RunConfig
+    from mm_align.trainer import train
+
+    cfg = load_config(RunConfig, resolve_config_path(config), overrides)
+    adapter = build_adapter(cfg.adapter, cfg.model)
+    specs = [get_loss(n) for n in cfg.train.loss]
+    kinds = {s.paired for s in specs}
+    if len(kinds) > 1:
+        raise SystemExit(f"error: losses {cfg.train.loss} mix paired and unpaired losses")
+    kind = "paired" if kinds.pop() else "unpaired"
+
+    def read(path: str, data: DataConfig) -> list:
+        reader = getattr(adapter, "read_dataset", None)
+        if reader is not None:
+            result = reader(path, data, kind)
+        else:
+            columns = from_dict(ColumnMap, data.columns, path="data.columns")
+            result = read_preferences(path, data.format, kind, columns, strict=data.strict)
+        if result.skipped:
+            counts = ", ".join(f"{k}: {v}" for k, v in result.skipped_by_reason().items())
+            print(f"{path}: {len(result.records)} records, {len(result.skipped)} rows skipped ({counts})")
+        return list(result.records)[: data.max_samples]
+
+    if not cfg.data.train:
+        raise SystemExit("error: data.train is not set")
+    records = read(cfg.data.train, cfg.data)
+    eval_records = read(cfg.data.eval, cfg.data) if cfg.data.eval else None
+    result = train(adapter, records, cfg.train, eval_records, run_config=cfg)
+    if result.is_main_process:
+        print(
+            f"trained {result.step} steps ({result.skipped_steps} skipped) on {result.num_processes} process(es); "
+            f"output: {result.output_dir}"
+        )
+    return 0
+
+
+def cmd_modality(command: str, modality: str, args: Sequence[str]) -> int:
+    from mm_align.recipes import MODALITIES, MODALITY_COMMANDS, load_object
+
+    if modality not in MODALITIES:
+        print(f"error: unknown modality '{modality}'; valid: {', '.join(MODALITIES)}", file=sys.stderr)
+        return 2
+    target = MODALITY_COMMANDS.get((command, modality))
+    if target is None:
+        print(
+            f"mm-align {command} {modality}: not implemented yet — the {modality} modality has not landed this "
+            "command. Available now: " + (", ".join(f"{c} {m}" for c, m in sorted(MODALITY_COMMANDS)) or "none"),
+            file=sys.stderr,
+        )
+        return 2
+    return int(load_object(target)(list(args)) or 0)
+
+
+def cmd_doctor(data: str, fmt: str, kind: str) -> int:
+    from mm_align.data import doctor
+
+    report = doctor(data, format=fmt, kind=kind)
+    print(report.table())
+    print(f"{report.source}: {report.rows} rows, {report.valid} valid — {'OK' if report.ok else 'ERRORS FOUND'}")
+    return 0 if report.ok else 1
+
+
+def cmd_ls(what: str | None) -> int:
+    from mm_align.losses import LOSSES
+    from mm_align.recipes import ADAPTERS, MODALITY_COMMANDS, shipped_configs
+
+    if what in (None, "losses"):
+        print("losses:")
+        for name, spec in sorted(LOSSES.items()):
+            ref = "reference" if spec.needs_reference else "reference-free"
+            data = "paired" if spec.paired else "unpaired"
+            print(f"  {name:<14} {spec.score_kind:<6} {data:<9} {ref:<15} β={spec.default_beta:g}")
+    if what in (None, "adapters"):
+        print("adapters:")
+        for name, target in sorted(ADAPTERS.items()):
+            print(f"  {name:<14} {target}")
+        print("modality commands:", ", ".join(f"{c} {m}" for c, m in sorted(MODALITY_COMMANDS)) or "none yet")
+    if what in (None, "configs"):
+        print("configs:")
+        for name, path in sorted(shipped_configs().items()):
+            print(f"  {name:<24} {path}")
+    return 0
+
+
+def cmd_report(run_dir: str, output: str | None) -> int:
+    from mm_align.report import write_report
+
+    print(write_report(run_dir, output=output))
+    return 0
+
+
+def cmd_quickstart(output_dir: str, steps: int) -> int:
+    from mm_align.quickstart import run_quickstart
+
+    print(f"report: {run_quickstart(Path(output_dir), steps=steps)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args.config, args.overrides)
+        if args.command in ("generate", "evaluate", "bench"):
+            return cmd_modality(args.command, args.modality, args.args)
+        if args.command == "doctor":
+            return cmd_doctor(args.data, args.format, args.kind)
+        if args.command == "report":
+            return cmd_report(args.run_dir, args.output)
+        if args.command == "quickstart":
+            return cmd_quickstart(args.output_dir, args.steps)
+        return cmd_ls(args.what)
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError and DataError are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The recipe layer: adapters and modality commands by name, and the shipped configs.
+
+This layer sits above the modalities (DESIGN.md), so it may name them; it imports a modality
+only when that name is used, so ``mm-align ls`` and the core stay light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ADAPTERS", "MODALITY_COMMANDS", "load_object", "build_adapter", "shipped_configs", "resolve_config_path"]
+
+# name -> "module:attribute". One literal dict; `mm-align ls adapters` prints it.
+ADAPTERS: dict[str, str] = {
+    "synthetic": "mm_align.synthetic:SyntheticAdapter",
+}
+
+# (command, modality) -> "module:function(argv) -> exit code". Absent = not implemented yet.
+MODALITY_COMMANDS: dict[tuple[str, str], str] = {}
+
+MODALITIES = ("image", "video", "vlm", "speech")
+
+
+def load_object(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_adapter(name: str, model_config: dict[str, Any]) -> Any:
+    """Instantiate adapter ``name`` from its ``model:`` config section (validated by the adapter)."""
+    if name not in ADAPTERS:
+        raise ValueError(f"unknown adapter '{name}'; valid adapters: {', '.join(sorted(ADAPTERS))}")
+    return load_object(ADAPTERS[name]).from_config(model_config)
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Configs shipped with the package, by name (file stem)."""
+    root = resources.files("mm_align") / "configs"
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config_path(value: str) -> Path:
+    """A path to a YAML file, or the name of a shipped config."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if value in shipped:
+        return shipped[value]
+    raise FileNotFoundError(
+        f"config '{value}' is neither a file nor a shipped config; shipped: {', '.join(sorted(shipped))}"
+    )

@@ -1,0 +1,131 @@
+"""Reference scores computed once per dataset and cached on disk.
+
+For token models the reference log-probs are fixed per sample, so the cache is exact. For
+diffusion (and any adapter with ``stochastic_scores``) the reference score depends on the random
+draw (noise, timestep, mask) made in ``collate``. The trainer seeds that draw per sample from
+``(seed, sample index, epoch)`` — or ``(seed, sample index)`` with ``sample_seeds=fixed`` — so
+the cache is exact too: one cache per epoch, or one for all epochs when the draw is fixed.
+The key hashes the adapter's fingerprint (base weights and scoring settings), the data, the
+seed, the epoch and the precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mm_align.types import Scores
+
+__all__ = ["sample_seed", "records_fingerprint", "ReferenceCache", "default_cache_dir"]
+
+
+def sample_seed(seed: int, index: int, epoch: int | None) -> int:
+    """The seed of every random draw made for sample ``index`` (in ``epoch``; None = every epoch)."""
+    key = f"{seed}:{index}:{'fixed' if epoch is None else epoch}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MM_ALIGN_CACHE", Path.home() / ".cache" / "mm_align")) / "reference"
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, bytes):
+        h.update(b"b"), h.update(hashlib.sha256(value).digest())
+    elif isinstance(value, dict):
+        h.update(b"{")
+        for k in sorted(value):
+            h.update(str(k).encode()), _feed(h, value[k])
+        h.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for v in value:
+            _feed(h, v)
+        h.update(b"]")
+    elif hasattr(value, "__dataclass_fields__"):
+        _feed(h, {k: getattr(value, k) for k in value.__dataclass_fields__})
+    else:
+        h.update(repr(value).encode())
+
+
+def records_fingerprint(records: Sequence[Any]) -> str:
+    """A content hash of a list of records (bytes hashed, never pickled)."""
+    h = hashlib.sha256()
+    _feed(h, list(records))
+    return h.hexdigest()[:24]
+
+
+class ReferenceCache:
+    """Per-sample reference scores for a whole dataset, indexed by the sample's position."""
+
+    def __init__(self, kind: str, tensors: dict[str, torch.Tensor], path: Path | None = None) -> None:
+        self.kind = kind
+        self.tensors = tensors
+        self.path = path
+
+    @staticmethod
+    def key(adapter_fingerprint: str, data_fingerprint: str, settings: dict[str, Any]) -> str:
+        blob = json.dumps({"adapter": adapter_fingerprint, "data": data_fingerprint, **settings}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    @classmethod
+    def load_or_build(
+        cls,
+        path: Path,
+        n: int,
+        compute: Callable[[list[int]], Scores],
+        batch_size: int,
+        is_main: bool,
+        progress: Callable[[int], Any] | None = None,
+    ) -> ReferenceCache:
+        """Load ``path`` if it exists, else compute scores for samples ``0..n-1`` and write it atomically."""
+        if path.is_file():
+            tensors = load_file(str(path))
+            kind = "error" if "kind_error" in tensors else "logp"
+            return cls(kind, {k: v for k, v in tensors.items() if not k.startswith("kind_")}, path)
+        parts: dict[str, list[torch.Tensor]] = {}
+        kind = "logp"
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(n, start + batch_size)))
+            s = compute(idx)
+            kind = s.kind
+            for name in ("chosen", "rejected", "n_tokens_chosen", "n_tokens_rejected"):
+                t = getattr(s, name)
+                if t is not None:
+                    parts.setdefault(name, []).append(t.detach().float().cpu())
+            if progress is not None:
+                progress(len(idx))
+        tensors = {k: torch.cat(v) for k, v in parts.items()}
+        if is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            save_file({**tensors, f"kind_{kind}": torch.zeros(1)}, str(tmp))
+            os.replace(tmp, path)
+        return cls(kind, tensors, path)
+
+    def lookup(self, indices: Sequence[int], like: Scores, device: torch.device) -> Scores:
+        """The cached reference scores of ``indices``, shaped like the policy's ``like``."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+
+        def take(name: str) -> torch.Tensor | None:
+            t = self.tensors.get(name)
+            return None if t is None else t[idx].to(device)
+
+        chosen = take("chosen")
+        assert chosen is not None
+        return Scores(
+            kind=self.kind,  # type: ignore[arg-type]
+            chosen=chosen.to(like.chosen.dtype),
+            rejected=None if like.rejected is None else take("rejected"),
+            desirable=like.desirable,
+            n_tokens_chosen=take("n_tokens_chosen"),
+            n_tokens_rejected=take("n_tokens_rejected"),
+            extra=dict(like.extra),
+        )

@@ -1,0 +1,426 @@
+"""The training loop, top to bottom, for every modality.
+
+One loop serves diffusion errors and token log-probs alike: the adapter turns records into a
+batch and a batch into per-sample :class:`~mm_align.types.Scores`; the loss compares the
+policy's scores with the reference's. Read :func:`train` from top to bottom: set-up, resume,
+then per optimiser step — micro-batches, policy pass, reference pass (adapters disabled, a
+frozen copy, or the on-disk cache), loss, backward, the non-finite guard, clip, step, log, save.
+
+Data order and every per-sample random draw are functions of ``(seed, epoch, sample index)``,
+and the position in the data is saved with each checkpoint, so a resumed run continues exactly
+where the killed one stopped, and N processes see the same global batch as one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import send_to_device, set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from mm_align.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from mm_align.config import dump_yaml, write_resolved
+from mm_align.lora import add_lora, lora_disabled
+from mm_align.losses import compute_loss, get_loss
+from mm_align.metrics_log import MetricsLogger
+from mm_align.reference_cache import ReferenceCache, default_cache_dir, records_fingerprint, sample_seed
+from mm_align.run_config import TrainConfig
+from mm_align.types import LossOutput, PreferenceAdapter, Scores
+
+logger = get_logger(__name__)
+
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "epoch_batches", "evaluate"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``max_consecutive_nonfinite`` optimiser steps in a row had a NaN/inf loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    step: int
+    skipped_steps: int
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    final_dir: Path | None = None
+    num_processes: int = 1
+    is_main_process: bool = True
+
+
+@dataclass
+class _Position:
+    """Where the run stands; saved in every checkpoint as ``trainer_state.json``."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batch: int = 0  # micro-batches of ``epoch`` already consumed
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+
+def epoch_batches(n: int, epoch: int, seed: int, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
+    """This process's micro-batches for ``epoch``: a seeded permutation cut into global batches.
+
+    Global batch ``g`` holds permutation entries ``[g·B·W, (g+1)·B·W)``; process ``r`` takes the
+    ``r``-th slice of size ``B``. So one process with batch ``B·W`` sees exactly the union of what
+    ``W`` processes with batch ``B`` see. An incomplete last global batch is dropped.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    global_size = batch_size * world_size
+    out = []
+    for start in range(0, n - global_size + 1, global_size):
+        out.append(perm[start + rank * batch_size : start + (rank + 1) * batch_size])
+    return out
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, records: Sequence[Any]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.records[i]
+
+
+class _Collate:
+    """Calls the adapter's collate with per-sample seeds; keeps the sample indices beside the batch."""
+
+    def __init__(self, adapter: PreferenceAdapter, seed: int, epoch: int | None) -> None:
+        self.adapter, self.seed, self.epoch = adapter, seed, epoch
+
+    def __call__(self, items: list[tuple[int, Any]]) -> tuple[list[int], Any]:
+        indices = [i for i, _ in items]
+        seeds = [sample_seed(self.seed, i, self.epoch) for i in indices]
+        return indices, self.adapter.collate([r for _, r in items], seeds)
+
+
+def _loader(adapter, records, batches, cfg: TrainConfig, epoch: int | None) -> DataLoader:
+    return DataLoader(
+        _Indexed(records),
+        batch_sampler=batches,
+        collate_fn=_Collate(adapter, cfg.seed, epoch),
+        num_workers=cfg.num_workers,
+    )
+
+
+def _mean_metrics(outputs: list[LossOutput]) -> dict[str, torch.Tensor]:
+    keys = outputs[0].metrics.keys()
+    return {k: torch.stack([o.metrics[k].float() for o in outputs]).mean() for k in keys}
+
+
+def train(
+    adapter: PreferenceAdapter,
+    records: Sequence[Any],
+    cfg: TrainConfig,
+    eval_records: Sequence[Any] | None = None,
+    run_config: Any | None = None,
+) -> TrainResult:
+    """Train ``adapter.model`` on preference ``records`` with ``cfg``; returns where it ended.
+
+    The reference of every loss that needs one is the base model: the policy with its LoRA
+    adapters disabled (``finetune=lora``, no second copy), or a frozen deep copy
+    (``finetune=full``), or scores cached on disk (``precompute_reference``).
+    """
+    # ---- set-up -------------------------------------------------------------------------------
+    specs = [get_loss(name) for name in cfg.loss]
+    needs_reference = any(s.needs_reference for s in specs)
+    for s in specs:
+        if s.score_kind not in ("any", adapter.score_kind):
+            raise ValueError(f"loss '{s.name}' needs '{s.score_kind}' scores; adapter gives '{adapter.score_kind}'")
+    if len(records) == 0:
+        raise ValueError("no training records (all rows skipped or the dataset is empty)")
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    set_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved(run_config if run_config is not None else cfg, output_dir)
+
+    model = adapter.model
+    reference_model: nn.Module | None = None
+    if cfg.finetune == "lora":
+        add_lora(model, cfg.lora, adapter.lora_target_modules)
+    elif needs_reference and not cfg.precompute_reference:
+        reference_model = copy.deepcopy(model).requires_grad_(False).eval()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
+    # The scheduler is stepped by hand once per optimiser step (not prepared), so N processes
+    # follow the same schedule as one.
+    scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    base = accelerator.unwrap_model(model)
+    if reference_model is not None:
+        reference_model.to(accelerator.device)
+
+    pos = _Position()
+    if cfg.resume_from:
+        ckpt = find_latest(output_dir) if cfg.resume_from == "latest" else Path(cfg.resume_from)
+        if ckpt is None:
+            logger.info(f"resume_from=latest: no checkpoint in {output_dir}; starting fresh", main_process_only=True)
+        else:
+            state = load_checkpoint(
+                ckpt, base, optimizer, scheduler, trainable_only=cfg.finetune == "lora", rank=rank
+            )
+            if state["global_batch"] != cfg.batch_size * world * cfg.gradient_accumulation_steps:
+                raise ValueError(
+                    f"{ckpt} was written with a global batch of {state['global_batch']}; this run has "
+                    f"{cfg.batch_size * world * cfg.gradient_accumulation_steps} "
+                    "(batch_size × processes × accumulation)"
+                )
+            pos = _Position(**state["position"])
+            logger.info(f"resumed from {ckpt} at step {pos.step}", main_process_only=True)
+
+    metrics_log = MetricsLogger(
+        output_dir,
+        report_to=cfg.report_to,
+        run_name=cfg.run_name,
+        enabled=is_main,
+        resume_step=pos.step if cfg.resume_from else None,
+    )
+    trainable_only = cfg.finetune == "lora"
+    n = len(records)
+    micro_per_epoch = len(epoch_batches(n, 0, cfg.seed, cfg.batch_size, world, rank))
+    steps_per_epoch = micro_per_epoch // cfg.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{n} records give no complete optimiser step with batch_size {cfg.batch_size} × {world} processes × "
+            f"{cfg.gradient_accumulation_steps} accumulation steps"
+        )
+    draw_epoch = (lambda e: None) if cfg.sample_seeds == "fixed" else (lambda e: e)
+
+    # ---- the reference pass -------------------------------------------------------------------
+    def reference_scores(batch: Any) -> Scores:
+        with torch.no_grad(), accelerator.autocast():
+            if reference_model is not None:
+                return adapter.scores(batch, reference_model).detach()
+            with lora_disabled(base):
+                return adapter.scores(batch, base).detach()
+
+    caches: dict[int | None, ReferenceCache] = {}
+
+    def reference_cache(epoch: int) -> ReferenceCache:
+        key_epoch = draw_epoch(epoch) if adapter.stochastic_scores else None
+        if key_epoch not in caches:
+            caches.clear()  # one epoch's cache in memory at a time
+            key = ReferenceCache.key(
+                adapter.fingerprint(),
+                records_fingerprint(records),
+                {"seed": cfg.seed, "epoch": key_epoch, "precision": cfg.mixed_precision},
+            )
+            path = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+            path = path / f"ref-{key}.safetensors"
+
+            def compute(idx: list[int]) -> Scores:
+                items = [(i, records[i]) for i in idx]
+                _, batch = _Collate(adapter, cfg.seed, key_epoch)(items)
+                return reference_scores(send_to_device(batch, accelerator.device))
+
+            with accelerator.main_process_first():
+                caches[key_epoch] = ReferenceCache.load_or_build(path, n, compute, cfg.batch_size, is_main)
+        return caches[key_epoch]
+
+    # ---- the loop -----------------------------------------------------------------------------
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=pos.step, disable=not is_main, desc="train", dynamic_ncols=True)
+    window: list[dict[str, torch.Tensor]] = []
+    last_logged: dict[str, float] = {}
+    last_ckpt: Path | None = find_latest(output_dir)
+    batches_iter: Iterator[tuple[list[int], Any]] | None = None
+    t_window = time.perf_counter()
+
+    def next_micro_batch() -> tuple[list[int], Any]:
+        nonlocal batches_iter
+        while True:
+            if batches_iter is None:
+                batches = epoch_batches(n, pos.epoch, cfg.seed, cfg.batch_size, world, rank)
+                batches = batches[: steps_per_epoch * cfg.gradient_accumulation_steps][pos.micro_batch :]
+                batches_iter = iter(_loader(adapter, records, batches, cfg, draw_epoch(pos.epoch)))
+            item = next(batches_iter, None)
+            if item is not None:
+                pos.micro_batch += 1
+                return item
+            pos.epoch, pos.micro_batch, batches_iter = pos.epoch + 1, 0, None
+
+    while pos.step < cfg.max_steps:
+        outputs: list[LossOutput] = []
+        finite = torch.ones((), device=accelerator.device)
+        for micro in range(cfg.gradient_accumulation_steps):
+            indices, batch = next_micro_batch()
+            batch = send_to_device(batch, accelerator.device)
+            last_micro = micro == cfg.gradient_accumulation_steps - 1
+            sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
+            with sync:
+                with accelerator.autocast():
+                    policy = adapter.scores(batch, model)
+                reference = None
+                if needs_reference:
+                    reference = (
+                        reference_cache(pos.epoch).lookup(indices, policy, accelerator.device)
+                        if cfg.precompute_reference
+                        else reference_scores(batch)
+                    )
+                out = compute_loss(cfg.loss, cfg.loss_weights, policy, reference, cfg.beta, cfg.loss_params)
+                finite = finite * torch.isfinite(out.loss.detach()).float()
+                accelerator.backward(out.loss / cfg.gradient_accumulation_steps)
+            outputs.append(out)
+
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+        grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+        if grad_norm is None:  # backends that clip internally (DeepSpeed) report no norm
+            grad_norm = torch.zeros(())
+        finite = finite * torch.isfinite(torch.as_tensor(grad_norm, device=accelerator.device)).float()
+        finite = accelerator.reduce(finite, reduction="sum") if world > 1 else finite
+        if finite.item() < world:  # every process skips together
+            optimizer.zero_grad(set_to_none=True)
+            pos.skipped_steps += 1
+            pos.consecutive_nonfinite += 1
+            logger.warning(
+                f"non-finite loss or gradient at step {pos.step + 1}: step skipped "
+                f"({pos.consecutive_nonfinite} in a row, {pos.skipped_steps} in all)",
+                main_process_only=True,
+            )
+            if pos.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
+                bar.close()
+                metrics_log.close()
+                raise NonFiniteLossError(
+                    f"{pos.consecutive_nonfinite} optimiser steps in a row had a non-finite loss or gradient "
+                    f"(at step {pos.step + 1}); stopping. The last good checkpoint is "
+                    f"{last_ckpt if last_ckpt is not None else 'none (no checkpoint written yet)'}. Lower the "
+                    "learning rate or β, enable gradient clipping, or check the data."
+                )
+            continue
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        pos.step += 1
+        pos.consecutive_nonfinite = 0
+        step_metrics = _mean_metrics(outputs)
+        step_metrics["loss"] = torch.stack([o.loss.detach().float() for o in outputs]).mean()
+        step_metrics["grad_norm"] = torch.as_tensor(grad_norm, dtype=torch.float32, device=accelerator.device)
+        window.append(step_metrics)
+        bar.update(1)
+
+        if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
+            stacked = {k: torch.stack([m[k] for m in window]).mean() for k in window[0]}
+            if world > 1:
+                stacked = {k: v / world for k, v in accelerator.reduce(stacked, reduction="sum").items()}
+            elapsed = time.perf_counter() - t_window
+            last_logged = {k: float(v.item()) for k, v in stacked.items()}
+            last_logged.update(
+                lr=scheduler.get_last_lr()[0],
+                skipped_steps=pos.skipped_steps,
+                epoch=pos.epoch,
+                steps_per_second=len(window) / max(elapsed, 1e-9),
+            )
+            metrics_log.log(pos.step, last_logged)
+            bar.set_postfix(loss=f"{last_logged['loss']:.4f}")
+            window, t_window = [], time.perf_counter()
+
+        if cfg.eval_every and eval_records and pos.step % cfg.eval_every == 0:
+            metrics_log.log(pos.step, evaluate(adapter, base, eval_records, cfg, accelerator, reference_model))
+
+        if pos.step % cfg.checkpointing_steps == 0 or pos.step == cfg.max_steps:
+            last_ckpt = save_checkpoint(
+                output_dir,
+                pos.step,
+                base,
+                optimizer,
+                scheduler,
+                {
+                    "position": vars(pos).copy(),
+                    "global_batch": cfg.batch_size * world * cfg.gradient_accumulation_steps,
+                    "loss": cfg.loss,
+                    "finetune": cfg.finetune,
+                },
+                trainable_only=trainable_only,
+                is_main=is_main,
+                rank=rank,
+                barrier=accelerator.wait_for_everyone,
+                keep_last=cfg.checkpoints_total_limit,
+                extra_files={"config.yaml": dump_yaml(run_config if run_config is not None else cfg)},
+            )
+    bar.close()
+    metrics_log.close()
+
+    final_dir = None
+    if cfg.save_final and is_main:
+        final_dir = output_dir / "final"
+        adapter.save(base, str(final_dir), lora=trainable_only)
+    accelerator.wait_for_everyone()
+    return TrainResult(output_dir, pos.step, pos.skipped_steps, last_logged, last_ckpt, final_dir, world, is_main)
+
+
+@torch.no_grad()
+def evaluate(
+    adapter: PreferenceAdapter,
+    model: nn.Module,
+    records: Sequence[Any],
+    cfg: TrainConfig,
+    accelerator: Accelerator | None = None,
+    reference_model: nn.Module | None = None,
+) -> dict[str, float]:
+    """The loss and its metrics over ``records`` (fixed per-sample draws), as ``eval/<key>``.
+
+    Each process scores its share of the records; the means are combined across processes.
+    """
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    specs = [get_loss(name) for name in cfg.loss]
+    needs_reference = any(s.needs_reference for s in specs)
+    was_training = model.training
+    model.eval()
+    idx = list(range(rank, len(records), world))
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), device=device)
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    with autocast:
+        for start in range(0, len(idx), cfg.batch_size):
+            chunk = idx[start : start + cfg.batch_size]
+            _, batch = _Collate(adapter, cfg.seed + 1, None)([(i, records[i]) for i in chunk])
+            batch = send_to_device(batch, device)
+            policy = adapter.scores(batch, model)
+            reference = None
+            if needs_reference:
+                if reference_model is not None:
+                    reference = adapter.scores(batch, reference_model)
+                else:
+                    with lora_disabled(model):
+                        reference = adapter.scores(batch, model)
+            out = compute_loss(cfg.loss, cfg.loss_weights, policy, reference, cfg.beta, cfg.loss_params)
+            w = float(len(chunk))
+            for k, v in {"loss": out.loss, **out.metrics}.items():
+                sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float() * w
+            count += w
+    if accelerator is not None and world > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+        count = accelerator.reduce(count, reduction="sum")
+    model.train(was_training)
+    return {f"eval/{k}": float((v / count.clamp(min=1)).item()) for k, v in sums.items()}

@@ -1,0 +1,113 @@
+"""The types every layer shares: per-sample scores, a loss's output, the adapter protocol.
+
+One idea carries the suite (DESIGN.md): every preference method compares per-sample numbers of
+the policy against a reference. Diffusion and flow models give a denoising *error* at a shared
+(noise, timestep); token models give a summed *log-probability*. An adapter says which kind it
+produces, and a loss says which kind it consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+ScoreKind = Literal["logp", "error"]
+
+__all__ = ["ScoreKind", "Scores", "LossOutput", "PreferenceAdapter"]
+
+
+@dataclass
+class Scores:
+    """Per-sample scores of one model (policy or reference) on one batch.
+
+    Paired data: ``chosen[i]`` and ``rejected[i]`` belong to pair ``i``. Unpaired data (KTO):
+    ``chosen`` holds every sample's score, ``rejected`` is None and ``desirable`` marks each one.
+
+    Args:
+        kind: ``"logp"`` (summed response log-probability, higher = more likely) or
+            ``"error"`` (denoising error averaged over every non-batch dim, lower = more likely).
+        chosen: ``(B,)`` scores of the chosen samples (or of all samples when unpaired).
+        rejected: ``(B,)`` scores of the rejected samples, or None when unpaired.
+        desirable: ``(B,)`` bool, only for unpaired data.
+        n_tokens_chosen: ``(B,)`` response token counts (logp only; IPO and the SFT term need them).
+        n_tokens_rejected: ``(B,)`` response token counts of the rejected responses.
+        extra: per-sample side information a loss may read, e.g. ``reward_chosen`` /
+            ``reward_rejected`` (SmPO), or ``kl`` (a KTO KL estimate from mismatched pairs).
+    """
+
+    kind: ScoreKind
+    chosen: torch.Tensor
+    rejected: torch.Tensor | None = None
+    desirable: torch.Tensor | None = None
+    n_tokens_chosen: torch.Tensor | None = None
+    n_tokens_rejected: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def paired(self) -> bool:
+        return self.rejected is not None
+
+    def detach(self) -> Scores:
+        """A copy with every tensor detached (what the reference pass and the cache hold)."""
+
+        def d(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach()
+
+        return Scores(
+            kind=self.kind,
+            chosen=self.chosen.detach(),
+            rejected=d(self.rejected),
+            desirable=d(self.desirable),
+            n_tokens_chosen=d(self.n_tokens_chosen),
+            n_tokens_rejected=d(self.n_tokens_rejected),
+            extra={k: v.detach() for k, v in self.extra.items()},
+        )
+
+
+@dataclass
+class LossOutput:
+    """What every loss returns: a scalar to backpropagate and detached metrics under the shared keys.
+
+    Metric keys (CONVENTIONS.md): ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+    ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``; diffusion losses add
+    ``err/policy_chosen``, ``err/policy_rejected``, ``err/ref_chosen``, ``err/ref_rejected`` and
+    ``implicit_acc``. Every metric is a 0-dim float tensor, already averaged over the batch.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class PreferenceAdapter(Protocol):
+    """What a modality provides to the trainer. Adding a backbone = one class with these members.
+
+    Attributes:
+        model: the module the trainer optimises (LoRA is injected into it, or it is fully tuned).
+        score_kind: ``"logp"`` or ``"error"``: the kind of :class:`Scores` that ``scores`` returns.
+        stochastic_scores: True when a score depends on a random draw made in ``collate`` (noise,
+            timestep, mask). The draw is seeded per sample by the trainer, so caching reference
+            scores is exact only per (sample, epoch), or for all epochs with ``sample_seeds=fixed``.
+        lora_target_modules: default module names LoRA targets in ``model``.
+    """
+
+    model: nn.Module
+    score_kind: ScoreKind
+    stochastic_scores: bool
+    lora_target_modules: list[str]
+
+    def collate(self, records: list[Any], seeds: list[int]) -> Any:
+        """Turn records into a batch. ``seeds[i]`` seeds every random draw made for ``records[i]``."""
+
+    def scores(self, batch: Any, model: nn.Module) -> Scores:
+        """Per-sample scores of ``model`` (the policy, or the frozen reference) on ``batch``."""
+
+    def fingerprint(self) -> str:
+        """A string that changes whenever the base weights or scoring settings change (cache key)."""
+
+    def save(self, model: nn.Module, output_dir: str, lora: bool) -> None:
+        """Write the trained weights in the ecosystem's own format."""
+
