@@ -1,11 +1,23 @@
-"""Metric sinks: always ``metrics.jsonl``; TensorBoard by default (offline); W&B optional."""
+"""Metric sinks: always ``metrics.jsonl``; TensorBoard by default (offline); Weights & Biases optional.
+
+``metrics.jsonl`` holds one JSON object per :meth:`MetricsLogger.log` call::
+
+    {"step": 10, "time": 1712345678.9, "loss": 0.69, "lr": 1e-05, ...}
+
+``time`` is Unix seconds. Tensors are converted with ``.item()``. JSON has no NaN or infinity, so
+a non-finite float (a NaN loss, an infinite gradient norm) is written as ``null``; readers (the
+report) skip nulls. Each line is flushed as it is written, so a killed run loses at most the line
+being written, which :func:`read_metrics` skips.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import numbers
 import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,19 +32,70 @@ __all__ = ["MetricsLogger", "read_metrics", "SINKS"]
 SINKS = ("tensorboard", "wandb", "none")
 
 
-def _value(v: Any) -> float | int | None:
+def _value(key: str, v: Any) -> Any:
+    """A metric value as a JSON-able scalar: tensors/NumPy scalars via ``.item()``, non-finite -> None."""
     if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"metric '{key}' is a tensor of shape {tuple(v.shape)}; log a scalar (one element)")
+        v = v.detach().item()
+    elif not isinstance(v, (bool, int, float, str)) and hasattr(v, "item"):  # NumPy scalars and 0-d arrays
         v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # JSON has no NaN/inf: written as null
-    return v
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        v = float(v)
+        return v if math.isfinite(v) else None  # JSON has no NaN/inf: written as null
+    raise TypeError(f"metric '{key}' has a value of type {type(v).__name__}; log numbers or scalar tensors")
+
+
+def _atomic_write_lines(path: Path, lines: list[str]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class MetricsLogger:
-    """Writes each ``log(step, metrics)`` to ``metrics.jsonl`` and the chosen trackers.
+    """
+    Writes each `log(step, metrics)` to `output_dir/metrics.jsonl` and to the chosen trackers.
 
-    ``enabled=False`` (non-main processes) writes nothing. ``resume_step=N`` first drops lines
-    with step > N, so a resumed run's log has no steps duplicated from the killed part.
+    Args:
+        output_dir (`str` or `Path`):
+            The run directory; created if needed (only when `enabled`).
+        report_to (`Sequence[str]`, *optional*, defaults to `("tensorboard",)`):
+            Trackers besides `metrics.jsonl`: `"tensorboard"` (a `SummaryWriter` under
+            `output_dir/tensorboard`, one scalar per key), `"wandb"` (needs `pip install wandb`;
+            the mode follows `WANDB_MODE`), `"none"`. A single string is accepted.
+        run_name (`str`, *optional*):
+            The run's name for W&B.
+        config (`dict`, *optional*):
+            The resolved config, stored with the W&B run and as text in TensorBoard.
+        enabled (`bool`, *optional*, defaults to `True`):
+            `False` on non-main processes: nothing is created or written.
+        resume_step (`int`, *optional*):
+            Resuming from step `N`: `metrics.jsonl` is first rewritten (atomically) to keep only the
+            lines with `step <= N`, and TensorBoard purges events after `N`, so the resumed run's log
+            has no steps duplicated from the killed part. `None` (a fresh run) starts a fresh
+            `metrics.jsonl`, replacing one left in the directory.
+
+    Raises:
+        `ValueError`: on an unknown `report_to` value (the message lists the valid ones).
+        `ImportError`: for `"wandb"` when wandb is not installed.
+
+    Example:
+
+    ```python
+    with MetricsLogger("runs/x", report_to=["tensorboard"]) as log:
+        log.log(10, {"loss": 0.69, "lr": 1e-5})
+    ```
     """
 
     def __init__(
@@ -44,50 +107,91 @@ class MetricsLogger:
         enabled: bool = True,
         resume_step: int | None = None,
     ) -> None:
+        if isinstance(report_to, str):
+            report_to = [report_to]
         bad = [s for s in report_to if s not in SINKS]
         if bad:
-            raise ValueError(f"unknown report_to {bad}; valid: {', '.join(SINKS)}")
+            raise ValueError(f"unknown report_to value(s) {', '.join(map(repr, bad))}; valid: {', '.join(SINKS)}")
         self.enabled = enabled
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self._tb = self._wandb = None
-        self._file = None
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "metrics.jsonl"
+        self.report_to = tuple(report_to)
+        self._file: Any = None
+        self._tb: Any = None
+        self._wandb: Any = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()  # a fresh run into an old directory starts a fresh log
-        self._file = self.path.open("a", encoding="utf-8")
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
-        if "wandb" in report_to:
+        wandb = None
+        if "wandb" in self.report_to:  # fail before creating anything
             try:
                 import wandb
             except ImportError as exc:
-                raise ImportError("report_to=wandb needs the wandb package: pip install wandb") from exc
-            self._wandb = wandb.init(name=run_name, config=config, dir=str(output_dir), resume="allow")
+                raise ImportError(
+                    "report_to includes 'wandb' but the wandb package is not installed: pip install wandb "
+                    "(or use report_to=tensorboard / none)"
+                ) from exc
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            if self.path.exists():
+                records = read_metrics(self.path)
+                kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= resume_step]
+                if len(kept) != len(records):
+                    logger.info(f"{self.path}: dropped {len(records) - len(kept)} record(s) after step {resume_step}")
+                _atomic_write_lines(self.path, [json.dumps(r) + "\n" for r in kept])
+        elif self.path.exists():
+            self.path.unlink()  # a fresh run into an old directory starts a fresh log
+        self._file = self.path.open("a", encoding="utf-8")
+
+        if "tensorboard" in self.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=purge)
+            if config is not None and resume_step is None:
+                self._tb.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
+        if wandb is not None:
+            self._wandb = wandb.init(
+                name=run_name,
+                config=config,
+                dir=str(self.output_dir),
+                resume="allow",
+                mode=os.environ.get("WANDB_MODE") or None,
+            )
+
+    def log(self, step: int, metrics: Mapping[str, float | int | torch.Tensor]) -> None:
+        """
+        Record `metrics` at `step` in every sink.
+
+        Args:
+            step (`int`):
+                The optimiser step.
+            metrics (`Mapping[str, float | int | torch.Tensor]`):
+                Scalar values by key (the keys of the logging conventions: `loss`, `lr`,
+                `rewards/chosen`, ...). Tensors must hold one element. Keys `step` and `time` are
+                reserved.
+        """
         if not self.enabled:
             return
-        values = {k: _value(v) for k, v in metrics.items()}
-        assert self._file is not None
-        self._file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        if self._file is None:
+            raise RuntimeError("MetricsLogger.log called after close()")
+        reserved = {"step", "time"} & set(metrics)
+        if reserved:
+            raise ValueError(f"metric keys {sorted(reserved)} are reserved by metrics.jsonl")
+        values = {str(k): _value(str(k), v) for k, v in metrics.items()}
+        self._file.write(json.dumps({"step": int(step), "time": time.time(), **values}, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
+            self._tb.flush()
         if self._wandb is not None:
-            self._wandb.log(values, step=step)
+            self._wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
 
     def close(self) -> None:
+        """Close `metrics.jsonl` and the trackers; safe to call twice."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -106,15 +210,41 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl``; a truncated line (a killed run) is skipped with a warning."""
-    out, bad = [], 0
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            bad += 1
+    """
+    The records of a `metrics.jsonl`, in file order.
+
+    A line that is not a JSON object (the truncated last line of a run killed mid-write) is
+    skipped and counted in a logged warning. Non-finite values were written as `null` and read
+    back as `None`.
+
+    Args:
+        path (`str` or `Path`):
+            The `metrics.jsonl` file.
+
+    Returns:
+        `list[dict[str, Any]]`: one dict per logged step.
+
+    Raises:
+        `FileNotFoundError`: when `path` does not exist.
+    """
+    out: list[dict[str, Any]] = []
+    bad: list[int] = []
+    with Path(path).open(encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(lineno)
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+            else:
+                bad.append(lineno)
     if bad:
-        logger.warning(f"{path}: skipped {bad} unreadable line(s) (a run killed mid-write)")
+        logger.warning(
+            f"{path}: skipped {len(bad)} unreadable line(s) (line {', '.join(map(str, bad[:5]))}"
+            f"{', ...' if len(bad) > 5 else ''}; a run killed mid-write leaves a truncated last line)"
+        )
     return out

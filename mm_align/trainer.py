@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import send_to_device, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
@@ -147,6 +148,9 @@ def train(
     if len(records) == 0:
         raise ValueError("no training records (all rows skipped or the dataset is empty)")
 
+    if AcceleratorState._shared_state and not PartialState().use_distributed:
+        # a second run in the same single process (a notebook, a test) may change the precision
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     set_seed(cfg.seed)

@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo) under ``accelerate launch --multi_gpu`` with ``ACCELERATE_USE_CPU=true`` train to the same weights as one process with the
-same global batch (the data order, per-sample seeds and schedule are process-count independent)."""
+"""Two CPU processes (gloo, `accelerate launch --multi_gpu` with ACCELERATE_USE_CPU=true) train to the
+same weights as one process with the same global batch (data order, per-sample seeds and schedule are
+process-count independent)."""
 
 from __future__ import annotations
 
