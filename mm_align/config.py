@@ -117,9 +117,7 @@ def _bad(path: str, tp: Any, value: Any) -> ConfigError:
     hint = ""
     if tp is str and isinstance(value, (int, float, bool)):
         hint = " (quote it to pass a string, e.g. key='1')"
-    return ConfigError(
-        f"config key '{path}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}"
-    )
+    return ConfigError(f"config key '{path}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
 
 
 def _is_number(value: Any) -> bool:
@@ -180,8 +178,7 @@ def _coerce(tp: Any, value: Any, path: str, *, lenient: bool = True) -> Any:
             args = ()
         if len(value) != len(args):
             raise ConfigError(
-                f"config key '{path}' expects {_type_name(tp)} ({len(args)} items), got {value!r} "
-                f"({len(value)} items)"
+                f"config key '{path}' expects {_type_name(tp)} ({len(args)} items), got {value!r} ({len(value)} items)"
             )
         return tuple(_coerce(a, v, f"{path}[{i}]", lenient=lenient) for i, (a, v) in enumerate(zip(args, value)))
 
@@ -409,6 +406,9 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: Se
             where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
             problem = getattr(exc, "problem", None) or str(exc)
             context = getattr(exc, "context", None)
+            cmark = getattr(exc, "context_mark", None)
+            if context and cmark is not None:
+                context = f"{context} started at line {cmark.line + 1}, column {cmark.column + 1}"
             detail = f"{context}: {problem}" if context else problem
             raise ConfigError(f"invalid YAML in {where}: {detail}") from exc
         except UnicodeDecodeError as exc:
@@ -524,10 +524,10 @@ def write_resolved(cfg: Any, output_dir: str | Path) -> None:
 
 def _default_repr(f: dataclasses.Field) -> str:
     if f.default is not MISSING:
-        return repr(f.default)
+        return repr(to_dict(f.default))
     if f.default_factory is not MISSING:
         try:
-            return repr(f.default_factory())
+            return repr(to_dict(f.default_factory()))
         except Exception:  # a factory that needs more than nothing: say so rather than fail
             return "<factory>"
     return "<required>"

@@ -1,5 +1,12 @@
-"""One self-contained HTML page per run: training curves (matplotlib PNGs inline), a summary
-table, the resolved config, and the panels a modality adds (image grids, score tables)."""
+"""One self-contained HTML page per run.
+
+The page holds the training curves (matplotlib PNGs inlined as data URIs), a summary table of the
+first and last value of every metric, the resolved config and library versions, then the panels a
+modality adds (image grids, score tables) as :class:`ReportSection`. Everything is inline: CSS in a
+``<style>`` element, images as data URIs, no scripts and no external URLs, so the file can be
+mailed or archived on its own. Every string that comes from the run (metric names, config text,
+versions) is HTML-escaped; only :attr:`ReportSection.html` is trusted as given.
+"""
 
 from __future__ import annotations
 
@@ -7,71 +14,148 @@ import base64
 import html
 import io
 import json
+import logging
+import math
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mm_align.metrics_log import read_metrics
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["ReportSection", "plot_curves", "write_report", "PANELS"]
 
-# title -> keys (a trailing "/" means every key with that prefix)
+# (title, keys); a key ending in "/" means every key with that prefix. A metric is drawn in the
+# first panel that claims it; the numeric keys no panel claims go to "Other".
 PANELS: list[tuple[str, list[str]]] = [
     ("Loss", ["loss", "loss/", "eval/loss"]),
-    ("Preference accuracy", ["rewards/accuracies", "implicit_acc", "eval/rewards/accuracies", "eval/implicit_acc"]),
+    (
+        "Preference accuracy",
+        ["rewards/accuracies", "implicit_acc", "eval/rewards/accuracies", "eval/implicit_acc", "eval/accuracy"],
+    ),
     ("Reward margins", ["rewards/margins", "rewards/chosen", "rewards/rejected", "eval/rewards/margins"]),
     ("Learning rate", ["lr"]),
     ("Denoising errors", ["err/"]),
     ("Log-probs", ["logps/"]),
     ("Gradient norm", ["grad_norm"]),
 ]
-_SKIP = {"step", "time", "epoch", "skipped_steps", "steps_per_second"}
+_SKIP = frozenset({"step", "time"})
 
 
 @dataclass
 class ReportSection:
+    """
+    A panel that a modality adds to the report.
+
+    Args:
+        title (`str`):
+            The section heading (escaped).
+        html (`str`):
+            A trusted HTML fragment, inserted as is (image grids as data URIs, score tables). It
+            must not reference external URLs, so the page stays self-contained.
+    """
+
     title: str
-    html: str  # a trusted fragment from a modality
+    html: str
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def plot_curves(records: list[dict], keys: Sequence[str], title: str, smooth: int = 1) -> str:
-    """The curves of ``keys`` against ``step`` as a PNG data URI."""
-    from matplotlib.figure import Figure  # no pyplot: no global state
+    """
+    Plot the curves of `keys` against `step` and return the figure as a PNG data URI.
 
+    Uses matplotlib's object-oriented API with the Agg canvas (no `pyplot`, so no global figure
+    state and no change to the process's backend); the figure is released when this returns.
+    Records without a numeric value for a key (absent, or `null` for a non-finite value) are
+    skipped for that key.
+
+    Args:
+        records (`list[dict]`):
+            Records as read by [`read_metrics`]; the x value is `record["step"]` (the record's
+            index when absent).
+        keys (`Sequence[str]`):
+            The metrics to draw, one line each.
+        title (`str`):
+            The plot title.
+        smooth (`int`, *optional*, defaults to `1`):
+            Trailing moving-average window, in records; `1` draws the raw values.
+
+    Returns:
+        `str`: `"data:image/png;base64,..."`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    smooth = max(1, int(smooth))
     fig = Figure(figsize=(6.4, 3.4), dpi=100)
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    drawn = 0
     for key in keys:
-        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        pts = [(r.get("step", i), r[key]) for i, r in enumerate(records) if _is_num(r.get(key))]
         if not pts:
             continue
         xs, ys = zip(*pts)
         if smooth > 1:
-            ys = [sum(ys[max(0, i - smooth + 1) : i + 1]) / len(ys[max(0, i - smooth + 1) : i + 1])
-                  for i in range(len(ys))]
+            ys = tuple(
+                sum(ys[max(0, i - smooth + 1) : i + 1]) / (i + 1 - max(0, i - smooth + 1)) for i in range(len(ys))
+            )
         ax.plot(xs, ys, label=key, marker="." if len(xs) < 30 else None)
+        drawn += 1
     ax.set_title(title)
     ax.set_xlabel("step")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # short tick labels fit the fixed margins
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.14, top=0.9)  # fixed margins: tight_layout costs a draw
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _keys(all_keys: list[str], patterns: list[str]) -> list[str]:
-    out = []
+def _matching(all_keys: Sequence[str], patterns: Sequence[str], taken: set[str]) -> list[str]:
+    out: list[str] = []
     for p in patterns:
-        out += [k for k in all_keys if (k.startswith(p) if p.endswith("/") else k == p) and k not in out]
+        for k in all_keys:
+            if k in taken or k in out:
+                continue
+            if k.startswith(p) if p.endswith("/") else k == p:
+                out.append(k)
     return out
+
+
+def _fmt(v: float | int) -> str:
+    return str(v) if isinstance(v, int) else f"{v:.5g}"
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-.plots{display:flex;flex-wrap:wrap;gap:1em}.plots img{max-width:580px;border:1px solid #eee}
+.plots{display:flex;flex-wrap:wrap;gap:1em}.plots figure{margin:0}
+.plots img{max-width:580px;border:1px solid #eee}
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
-th{background:#f5f5f5}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}"""
+th{background:#f5f5f5}th.k{text-align:left}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}"""
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_report(
@@ -80,48 +164,102 @@ def write_report(
     output: str | Path | None = None,
     title: str | None = None,
 ) -> Path:
-    """Render ``run_dir/metrics.jsonl`` (+ config, versions, ``sections``) into one HTML file."""
+    """
+    Render a run directory into one self-contained HTML page.
+
+    Reads `run_dir/metrics.jsonl` and draws a plot per panel of [`PANELS`] (Loss, Preference
+    accuracy, Reward margins, Learning rate, Denoising errors, Log-probs, Gradient norm) whose keys
+    are present, and "Other" for the remaining numeric keys (all but `step` and `time`); then a
+    table of the first and last value of each key; the resolved config (`run_dir/config.yaml`) and
+    versions (`run_dir/versions.json`) when present; then `sections`, in order. An empty metrics
+    file still gives a page, which says "no metrics logged".
+
+    Args:
+        run_dir (`str` or `Path`):
+            The training run's output directory.
+        sections (`Sequence[ReportSection]`, *optional*):
+            Panels a modality adds, placed after the config.
+        output (`str` or `Path`, *optional*):
+            Where to write; defaults to `run_dir/report.html`. Written atomically.
+        title (`str`, *optional*):
+            The page title; defaults to `"mm-align run: <run_dir name>"`.
+
+    Returns:
+        `Path`: the written HTML file.
+
+    Raises:
+        `FileNotFoundError`: when `run_dir/metrics.jsonl` does not exist.
+    """
     run = Path(run_dir)
     metrics_file = run / "metrics.jsonl"
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file} not found: is {run} a training run directory?")
     records = read_metrics(metrics_file)
     esc = html.escape
-    all_keys: list[str] = []
+    page_title = title or f"mm-align run: {run.resolve().name}"
+
+    all_keys: dict[str, None] = {}  # ordered set, in first-seen order
     for r in records:
-        all_keys += [k for k, v in r.items() if k not in _SKIP and isinstance(v, (int, float)) and k not in all_keys]
-    parts = [f"<h1>{esc(title or f'mm-align run: {run.name}')}</h1>"]
-    if not records:
-        parts.append("<p>No metrics logged.</p>")
+        for k, v in r.items():
+            if k not in _SKIP and _is_num(v):
+                all_keys.setdefault(k, None)
+    keys = list(all_keys)
+
+    parts = [f"<h1>{esc(page_title)}</h1>"]
+    parts.append("<h2>Training curves</h2>")
+    if not keys:
+        what = "no metrics logged" if not records else "no numeric metrics logged"
+        parts.append(f"<p>Nothing to plot: {what} in {esc(metrics_file.name)}.</p>")
     else:
-        used: list[str] = []
-        imgs = []
-        for panel, patterns in PANELS:
-            keys = _keys(all_keys, patterns)
-            if keys:
-                used += keys
-                imgs.append(f'<img alt="{esc(panel)}" src="{plot_curves(records, keys, panel)}">')
-        rest = [k for k in all_keys if k not in used]
-        if rest:
-            imgs.append(f'<img alt="Other" src="{plot_curves(records, rest, "Other")}">')
-        parts.append('<h2>Training curves</h2><div class="plots">' + "".join(imgs) + "</div>")
+        taken: set[str] = set()
+        figures = []
+        panels = [*PANELS, ("Other", [])]
+        for panel, patterns in panels:
+            panel_keys = _matching(keys, patterns, taken) if patterns else [k for k in keys if k not in taken]
+            if not panel_keys:
+                continue
+            taken.update(panel_keys)
+            uri = plot_curves(records, panel_keys, panel)
+            figures.append(
+                f'<figure><img alt="{esc(panel)}: {esc(", ".join(panel_keys))}" src="{uri}">'
+                f"<figcaption>{esc(panel)}</figcaption></figure>"
+            )
+        parts.append('<div class="plots">' + "".join(figures) + "</div>")
+
+        steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+        span = f" (steps {steps[0]}–{steps[-1]}, {len(records)} records)" if steps else ""
         rows = []
-        for k in all_keys:
-            vals = [r[k] for r in records if isinstance(r.get(k), (int, float))]
-            rows.append(f"<tr><th>{esc(k)}</th><td>{vals[0]:.5g}</td><td>{vals[-1]:.5g}</td></tr>")
-        parts.append(f"<h2>Summary (steps {records[0].get('step')}–{records[-1].get('step')})</h2>"
-                     "<table><tr><th>metric</th><th>first</th><th>last</th></tr>" + "".join(rows) + "</table>")
+        for k in keys:
+            vals = [r[k] for r in records if _is_num(r.get(k))]
+            rows.append(f'<tr><th class="k">{esc(k)}</th><td>{_fmt(vals[0])}</td><td>{_fmt(vals[-1])}</td></tr>')
+        parts.append(
+            f"<h2>Summary{esc(span)}</h2>"
+            '<table><tr><th class="k">metric</th><th>first</th><th>last</th></tr>' + "".join(rows) + "</table>"
+        )
+
+    config_file = run / "config.yaml"
+    if config_file.is_file():
+        text = config_file.read_text(encoding="utf-8", errors="replace")
+        parts.append(f"<h2>Resolved config</h2><pre>{esc(text)}</pre>")
+    versions_file = run / "versions.json"
+    if versions_file.is_file():
+        text = versions_file.read_text(encoding="utf-8", errors="replace")
+        try:
+            text = json.dumps(json.loads(text), indent=2)
+        except json.JSONDecodeError:
+            logger.warning(f"{versions_file} is not valid JSON; shown as is")
+        parts.append(f"<h2>Versions</h2><pre>{esc(text)}</pre>")
+
     for s in sections:
-        parts.append(f"<h2>{esc(s.title)}</h2>{s.html}")
-    if (run / "config.yaml").is_file():
-        parts.append(f"<h2>Resolved config</h2><pre>{esc((run / 'config.yaml').read_text())}</pre>")
-    if (run / "versions.json").is_file():
-        versions = json.loads((run / "versions.json").read_text())
-        parts.append("<h2>Versions</h2><pre>" + esc(json.dumps(versions, indent=2)) + "</pre>")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title or run.name)}</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
-    out = Path(output) if output else run / "report.html"
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+        parts.append(f"<section><h2>{esc(s.title)}</h2>{s.html}</section>")
+
+    page = (
+        '<!doctype html>\n<html><head><meta charset="utf-8">'
+        f"<title>{esc(page_title)}</title><style>{_CSS}</style></head>\n<body>\n"
+        + "\n".join(parts)
+        + "\n</body></html>\n"
+    )
+    out = Path(output) if output is not None else run / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out, page)
     return out

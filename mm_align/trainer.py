@@ -163,7 +163,8 @@ def train(
     reference_model: nn.Module | None = None
     if cfg.finetune == "lora":
         add_lora(model, cfg.lora, adapter.lora_target_modules)
-    elif needs_reference and not cfg.precompute_reference:
+    elif needs_reference and (not cfg.precompute_reference or (eval_records and cfg.eval_every)):
+        # the training cache covers the training data only: eval still needs the frozen copy
         reference_model = copy.deepcopy(model).requires_grad_(False).eval()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(

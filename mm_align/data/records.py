@@ -10,12 +10,20 @@ __all__ = ["DataError", "PreferencePair", "UnpairedSample", "SkippedRow", "ReadR
 
 
 class DataError(ValueError):
-    """A dataset cannot be used; the message names the file, the row and what is wrong."""
+    """A dataset cannot be used; the message names the file, the row (when there is one) and what is wrong."""
 
 
 @dataclass
 class PreferencePair:
-    """One paired preference: ``chosen`` preferred over ``rejected`` for ``prompt``."""
+    """One paired preference: ``chosen`` is preferred over ``rejected`` for ``prompt``.
+
+    Args:
+        prompt: A string or any JSON-like value (e.g. a list of chat messages).
+        chosen: The preferred sample: text, a path, a number, a list, a dict or raw bytes.
+        rejected: The dispreferred sample, of the same kind as ``chosen``.
+        id: An optional identifier carried through to reports.
+        meta: Every other column of the source row (e.g. ``images``, ``model_0``, scores).
+    """
 
     prompt: Any
     chosen: Any
@@ -26,7 +34,15 @@ class PreferencePair:
 
 @dataclass
 class UnpairedSample:
-    """One unpaired judgement (KTO): ``completion`` for ``prompt`` is desirable or not."""
+    """One unpaired judgement (KTO-style): ``completion`` for ``prompt`` is desirable or not.
+
+    Args:
+        prompt: A string or any JSON-like value.
+        completion: The judged sample.
+        desirable: ``True`` for a desirable completion, ``False`` for an undesirable one.
+        id: An optional identifier.
+        meta: Every other column of the source row.
+    """
 
     prompt: Any
     completion: Any
@@ -37,25 +53,40 @@ class UnpairedSample:
 
 @dataclass
 class SkippedRow:
+    """A row a reader skipped, and why.
+
+    Args:
+        source: The file the row is in (for parquet shards: the shard).
+        row: 0-based row index. For jsonl the line index; for a directory of parquet shards the index
+            continues across the shards (sorted by name).
+        reason: ``"<category>: <detail>"`` or just ``"<category>"``, e.g. ``"missing column: rejected"``.
+    """
+
     source: str
-    row: int  # 0-based row index (jsonl: line index)
+    row: int
     reason: str
 
 
 @dataclass
 class ReadResult:
-    records: list[Any]
+    """The records a reader kept, the rows it skipped, and the dataset it read."""
+
+    records: list[PreferencePair] | list[UnpairedSample]
     skipped: list[SkippedRow]
     source: str
 
     def skipped_by_reason(self) -> dict[str, int]:
-        """Skipped rows counted by reason category (the text before ':')."""
-        return dict(Counter(s.reason.split(":")[0] for s in self.skipped))
+        """Skipped rows counted by reason category (the text before the first ``':'``), in order of first occurrence.
+
+        Returns:
+            `dict[str, int]`: e.g. ``{"malformed json": 1, "tie": 2}``.
+        """
+        return dict(Counter(s.reason.split(":", 1)[0].strip() for s in self.skipped))
 
 
 @dataclass
 class ColumnMap:
-    """Column names in the source data (e.g. ``prompt: caption``)."""
+    """Column names in the source data, e.g. ``ColumnMap(prompt="caption")``."""
 
     prompt: str = "prompt"
     chosen: str = "chosen"

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 
 from mm_align.losses import diffusion, sequence
+from mm_align.losses.diffusion import check_scores
 from mm_align.types import LossOutput, Scores
 
 __all__ = ["LossSpec", "LOSSES", "get_loss", "loss_param_names", "compute_loss"]
@@ -17,7 +18,18 @@ __all__ = ["LossSpec", "LOSSES", "get_loss", "loss_param_names", "compute_loss"]
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A loss function and what it needs: a reference pass, a score kind, paired or unpaired data."""
+    """A loss function and what it needs: a reference pass, a score kind, paired or unpaired data.
+
+    Args:
+        name: the registry key.
+        fn: ``fn(policy, reference, *, beta, **own_params) -> LossOutput``; its keyword-only
+            parameters other than ``beta`` are the loss's own parameters (:func:`loss_param_names`).
+        needs_reference: False for reference-free losses (``mapo``, ``sft``): the trainer then
+            skips the reference pass.
+        score_kind: the :attr:`Scores.kind` the loss consumes; ``"any"`` for ``sft``.
+        paired: False for unpaired losses (``kto``, ``diffusion_kto``: ``Scores.desirable`` set).
+        default_beta: the paper default of β, used when the run sets none.
+    """
 
     name: str
     fn: Callable[..., LossOutput]
@@ -27,6 +39,7 @@ class LossSpec:
     default_beta: float
 
 
+# One literal dict: adding a loss = one function + one line here + a test.
 LOSSES: dict[str, LossSpec] = {
     "diffusion_dpo": LossSpec("diffusion_dpo", diffusion.diffusion_dpo, True, "error", True, 5000.0),
     "npo": LossSpec("npo", diffusion.npo, True, "error", True, 500.0),
@@ -40,12 +53,19 @@ LOSSES: dict[str, LossSpec] = {
     "bco_pair": LossSpec("bco_pair", sequence.bco_pair, True, "logp", True, 0.1),
     "sppo_hard": LossSpec("sppo_hard", sequence.sppo_hard, True, "logp", True, 0.1),
     "kto": LossSpec("kto", sequence.kto, True, "logp", False, 0.1),
-    "sft": LossSpec("sft", sequence.sft, False, "any", True, 0.0),
+    "sft": LossSpec("sft", sequence.sft, False, "any", True, 0.0),  # β unused; its mixture weight is γ
 }
 
 
 def get_loss(name: str) -> LossSpec:
-    """The spec of loss ``name``; an unknown name is an error listing the valid ones."""
+    """The :class:`LossSpec` of loss ``name``.
+
+    Args:
+        name: a key of :data:`LOSSES`.
+
+    Raises:
+        ValueError: for an unknown name; the message lists every valid name, sorted.
+    """
     try:
         return LOSSES[name]
     except KeyError:
@@ -53,7 +73,14 @@ def get_loss(name: str) -> LossSpec:
 
 
 def loss_param_names(name: str) -> dict[str, Any]:
-    """The loss's own keyword parameters (besides β) with their defaults."""
+    """The loss's own keyword-only parameters (besides ``beta``) with their defaults.
+
+    Args:
+        name: a key of :data:`LOSSES`.
+
+    Returns:
+        ``{parameter: default}``, e.g. ``{"label_smoothing": 0.0}`` for ``robust``; ``{}`` for ``sigmoid``.
+    """
     sig = inspect.signature(get_loss(name).fn)
     return {
         p.name: p.default
@@ -63,13 +90,19 @@ def loss_param_names(name: str) -> dict[str, Any]:
 
 
 def _check(spec: LossSpec, policy: Scores, reference: Scores | None) -> None:
-    if spec.score_kind != "any" and spec.score_kind != policy.kind:
-        raise ValueError(f"loss '{spec.name}' needs '{spec.score_kind}' scores, got '{policy.kind}' scores")
-    if spec.name != "sft" and spec.paired != policy.paired:
-        need, got = ("paired", "unpaired") if spec.paired else ("unpaired", "paired")
-        raise ValueError(f"loss '{spec.name}' needs {need} data, got {got} scores")
-    if spec.needs_reference and reference is None:
-        raise ValueError(f"loss '{spec.name}' needs reference scores, got none")
+    """Raise a ValueError naming the mismatch when ``spec`` cannot consume these scores.
+
+    ``sft`` (score kind "any") accepts both paired and unpaired scores (it reads the chosen /
+    desirable samples only); every other loss must match its ``paired`` flag.
+    """
+    check_scores(
+        spec.name,
+        policy,
+        reference,
+        kind=spec.score_kind,
+        paired=None if spec.score_kind == "any" else spec.paired,
+        needs_reference=spec.needs_reference,
+    )
 
 
 def compute_loss(
@@ -80,34 +113,55 @@ def compute_loss(
     beta: float | None = None,
     params: dict[str, Any] | None = None,
 ) -> LossOutput:
-    """The weighted sum of the named losses (one name = that loss), with merged metrics.
+    """The weighted sum ``Σ_k w_k · loss_k`` of the named losses (one name = that loss), with merged metrics.
 
-    ``beta=None`` gives each loss its paper default. ``params`` is one flat dict; each loss gets
-    the keys it declares, and a key no selected loss declares is an error.
+    Args:
+        names: loss names (keys of :data:`LOSSES`), each at most once.
+        weights: one weight per name (default all 1.0); the weight of ``sft`` is the γ of ALGORITHMS.md §4.
+        policy: the policy scores.
+        reference: the reference scores, or None when no selected loss needs them.
+        beta: one β for every loss, or None to give each loss its paper default (``default_beta``).
+        params: ONE flat dict of the losses' own keyword parameters (e.g. ``{"label_smoothing": 0.1}``);
+            each loss receives only the keys it declares (:func:`loss_param_names`).
+
+    Returns:
+        :class:`LossOutput`: ``loss`` = the weighted sum; ``metrics`` = the union of the components'
+        metrics (the first loss wins on a key clash) plus ``loss/<name>``, each component's detached
+        unweighted value.
+
+    Raises:
+        ValueError: on an unknown loss name, a duplicate name, a weight count that differs from the
+            name count, a parameter no selected loss declares (the message lists the valid ones), a
+            score kind the loss does not consume, paired scores for an unpaired loss (or the reverse),
+            or a missing reference.
     """
-    if weights is None:
-        weights = [1.0] * len(names)
+    if not names:
+        raise ValueError(f"no loss selected; valid losses: {', '.join(sorted(LOSSES))}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss names must be unique, got {names}")
+    weights = [1.0] * len(names) if weights is None else list(weights)
     if len(weights) != len(names):
-        raise ValueError(f"{len(weights)} loss weights for {len(names)} losses")
+        raise ValueError(f"{len(weights)} loss weights for {len(names)} losses ({', '.join(names)})")
     specs = [get_loss(n) for n in names]
-    params = params or {}
-    declared = {k: v for s in specs for k, v in loss_param_names(s.name).items()}
+    params = dict(params or {})
+    own_params = {s.name: loss_param_names(s.name) for s in specs}
+    declared = sorted({k for p in own_params.values() for k in p})
     unknown = sorted(set(params) - set(declared))
     if unknown:
         raise ValueError(
-            f"unknown loss parameter(s) {', '.join(unknown)} for losses {', '.join(names)}; "
-            f"valid: {', '.join(sorted(declared)) or 'none'}"
+            f"unknown loss parameter(s) {', '.join(repr(k) for k in unknown)} for losses {', '.join(names)}; "
+            f"valid keys: {', '.join(declared) or 'none (these losses take no parameters besides beta)'}"
         )
+    for spec in specs:  # check every loss before computing any
+        _check(spec, policy, reference)
     total: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = {}
     for spec, w in zip(specs, weights):
-        _check(spec, policy, reference)
-        own = {k: params[k] for k in loss_param_names(spec.name) if k in params}
-        out = spec.fn(policy, reference, beta=spec.default_beta if beta is None else beta, **own)
+        kwargs = {k: params[k] for k in own_params[spec.name] if k in params}
+        out = spec.fn(policy, reference, beta=spec.default_beta if beta is None else beta, **kwargs)
         total = w * out.loss if total is None else total + w * out.loss
         for k, v in out.metrics.items():
             metrics.setdefault(k, v)
-        if len(specs) > 1:
-            metrics[f"loss/{spec.name}"] = out.loss.detach()
+        metrics[f"loss/{spec.name}"] = out.loss.detach().float()
     assert total is not None
     return LossOutput(total, metrics)
