@@ -64,7 +64,7 @@ def cmd_train(config: str, overrides: Sequence[str]) -> int:
     cfg = load_config(RunConfig, resolve_config_path(config), overrides)
     adapter = build_adapter(cfg.adapter, cfg.model)
     specs = [get_loss(n) for n in cfg.train.loss]
-    kinds = {s.paired for s in specs}
+    kinds = {s.paired for s in specs if s.name != "sft"} or {True}  # sft goes with either kind
     if len(kinds) > 1:
         raise SystemExit(f"error: losses {cfg.train.loss} mix paired and unpaired losses")
     kind = "paired" if kinds.pop() else "unpaired"
