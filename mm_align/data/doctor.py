@@ -1,13 +1,22 @@
-"""``mm-align doctor``: validate a preference dataset before any training.
+"""``mm-align doctor``: validate a preference dataset before spending GPU time on it.
 
-Reports every problem it finds — it never stops at the first: unreadable data, malformed rows,
-missing columns, bad labels, empty prompts (errors); missing or unreadable referenced files
-(errors); ties and exact duplicates (warnings: they would be dropped or double-counted);
-plus the checks a modality adds (corrupt images, tiny images, ...).
+The doctor reads every row through the same raw layer as the readers (:func:`iter_source_rows`),
+so it sees the rows a reader would skip, and it reports every problem instead of stopping at the
+first. Built-in checks (the check name, then its severity):
+
+- ``unreadable`` (error): the dataset does not exist or cannot be opened or decoded;
+- ``malformed_json``, ``missing_column``, ``bad_label``, ``empty_prompt``, ``empty_chosen``,
+  ``empty_rejected``, ``empty_completion`` (errors): rows the readers skip;
+- ``tie`` (warning): identical chosen and rejected, or label 0.5 — the readers drop them;
+- ``duplicate`` (warning): the same prompt, chosen and rejected (or completion and label) as an earlier row;
+- ``missing_file``, ``unreadable_file`` (errors): see :func:`check_referenced_files`;
+- plus one check per function in ``checks`` (error), named after the function, which modality
+  packages use for corrupt or tiny images, wrong sample rates, etc.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -15,19 +24,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mm_align.data.io import iter_rows, row_to_record
-from mm_align.data.records import ColumnMap, DataError, PreferencePair
+from mm_align.data.io import iter_source_rows, row_to_record
+from mm_align.data.records import ColumnMap, DataError, PreferencePair, UnpairedSample
 
 __all__ = ["Finding", "DoctorReport", "RecordCheck", "doctor", "check_referenced_files", "FILE_EXTENSIONS"]
 
-RecordCheck = Callable[[Any, Path], list[str]]
+RecordCheck = Callable[[PreferencePair | UnpairedSample, Path], list[str]]
+"""A per-record check: ``(record, base_dir) -> problems``, each a short string; an empty list = fine."""
+
 FILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".wav", ".flac", ".mp3", ".ogg", ".mp4",
                    ".avi", ".mov", ".webm", ".npy", ".pt", ".safetensors")
-_SEVERITY = {"tie": "warning", "duplicate": "warning"}
+_WARNINGS = frozenset({"tie", "duplicate"})
+_MAX_EXAMPLES = 5
+_MAX_EXAMPLE_CHARS = 160
 
 
 @dataclass
 class Finding:
+    """One check's result: how many rows it flagged and up to 5 examples (``"file:row: detail"``)."""
+
     check: str
     severity: Literal["error", "warning"]
     count: int = 0
@@ -36,6 +51,15 @@ class Finding:
 
 @dataclass
 class DoctorReport:
+    """Everything the doctor found in one dataset.
+
+    Args:
+        source: The dataset path.
+        rows: Rows seen (blank jsonl lines are not rows).
+        valid: Rows a reader keeps and that no error-severity check flagged.
+        findings: One :class:`Finding` per check that flagged something, in order of first occurrence.
+    """
+
     source: str
     rows: int = 0
     valid: int = 0
@@ -43,43 +67,74 @@ class DoctorReport:
 
     @property
     def ok(self) -> bool:
+        """No error-severity findings (warnings are allowed)."""
         return not any(f.severity == "error" for f in self.findings)
 
     def add(self, check: str, example: str, severity: Literal["error", "warning"] | None = None) -> None:
-        sev = severity or _SEVERITY.get(check, "error")
-        for f in self.findings:
-            if f.check == check:
-                break
-        else:
-            f = Finding(check, sev)
-            self.findings.append(f)
-        f.count += 1
-        if len(f.examples) < 5:
-            f.examples.append(example)
+        """Count one problem under ``check`` (severity: warning for ties and duplicates, else error)."""
+        finding = next((f for f in self.findings if f.check == check), None)
+        if finding is None:
+            finding = Finding(check, severity or ("warning" if check in _WARNINGS else "error"))
+            self.findings.append(finding)
+        finding.count += 1
+        if len(finding.examples) < _MAX_EXAMPLES:
+            finding.examples.append(example)
 
     def table(self) -> str:
-        if not self.findings:
-            return f"{self.source}: no problems found in {self.rows} rows"
-        width = max(len(f.check) for f in self.findings + [Finding("check", "error")])
-        lines = [f"{'check':<{width}}  severity  {'count':>6}  example", "-" * (width + 40)]
-        for f in self.findings:
-            lines.append(f"{f.check:<{width}}  {f.severity:<8}  {f.count:>6}  {f.examples[0] if f.examples else ''}")
+        """A fixed-width summary table: ``check | severity | count | example`` (the first example).
+
+        Returns:
+            `str`: the header, a rule, one line per finding (or a "no problems found" line), and a
+            closing line with the row counts and the verdict.
+        """
+        header = ("check", "severity", "count", "example")
+        body = [(f.check, f.severity, str(f.count), _clip(f.examples[0] if f.examples else "")) for f in self.findings]
+        widths = [max(len(r[k]) for r in [header, *body]) for k in range(3)]
+
+        def line(r: tuple[str, str, str, str]) -> str:
+            return f"{r[0]:<{widths[0]}} | {r[1]:<{widths[1]}} | {r[2]:>{widths[2]}} | {r[3]}".rstrip()
+
+        lines = [line(header), "-+-".join("-" * w for w in widths) + "-+-" + "-" * 7]
+        lines += [line(r) for r in body] if body else ["(no problems found)"]
+        verdict = "OK" if self.ok else "ERRORS FOUND"
+        lines.append(f"{self.source}: {self.rows} rows, {self.valid} valid: {verdict}")
         return "\n".join(lines)
 
 
-def _paths_in(value: Any) -> list[str]:
-    items = [value] if not isinstance(value, (list, dict)) else (
-        list(value.values()) if isinstance(value, dict) else list(value))
-    return [v for v in items if isinstance(v, str) and v.lower().endswith(FILE_EXTENSIONS)]
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_EXAMPLE_CHARS else text[: _MAX_EXAMPLE_CHARS - 3] + "..."
 
 
-def check_referenced_files(record: Any, base_dir: Path) -> list[str]:
-    """Each file a record names (by a media/tensor extension) must exist and be readable."""
-    fields = (record.chosen, record.rejected) if isinstance(record, PreferencePair) else (record.completion,)
-    problems = []
-    for value in fields:
-        for name in _paths_in(value):
-            path = Path(name) if Path(name).is_absolute() else base_dir / name
+def _candidate_paths(value: Any) -> list[str]:
+    items = list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, list) else [value]
+    return [
+        v for v in items
+        if isinstance(v, str) and v.strip().lower().endswith(FILE_EXTENSIONS) and "://" not in v and "\n" not in v
+    ]
+
+
+def check_referenced_files(record: PreferencePair | UnpairedSample, base_dir: Path) -> list[str]:
+    """The built-in file check: every file a record names must exist and be readable.
+
+    A string value of ``chosen``/``rejected`` (or ``completion``), or a string inside a list or dict
+    one level deep, that ends with a media/tensor extension (:data:`FILE_EXTENSIONS`) is a path;
+    relative paths are resolved against ``base_dir``. URLs (``scheme://``) are not checked.
+
+    Args:
+        record: A record from a reader.
+        base_dir: The directory relative paths are relative to (the dataset file's directory).
+
+    Returns:
+        `list[str]`: ``"missing file <name>"`` / ``"unreadable file <name>: <why>"`` problems.
+    """
+    values = (record.chosen, record.rejected) if isinstance(record, PreferencePair) else (record.completion,)
+    problems: list[str] = []
+    for value in values:
+        for name in _candidate_paths(value):
+            path = Path(name.strip()).expanduser()
+            if not path.is_absolute():
+                path = base_dir / path
             if not path.exists():
                 problems.append(f"missing file {name}")
                 continue
@@ -91,11 +146,28 @@ def check_referenced_files(record: Any, base_dir: Path) -> list[str]:
     return problems
 
 
-def _content_hash(row: dict) -> str:
-    def default(v: Any) -> str:
-        return hashlib.sha256(v).hexdigest() if isinstance(v, bytes) else repr(v)
+def _canonical(value: Any) -> Any:
+    """A JSON-serialisable stand-in for a value, with bytes replaced by their sha256."""
+    if isinstance(value, (bytes, bytearray)):
+        return {"__bytes_sha256__": hashlib.sha256(value).hexdigest()}
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return {"__repr__": repr(value)}
 
-    return hashlib.sha256(json.dumps(row, sort_keys=True, default=default).encode()).hexdigest()
+
+def _content_hash(*values: Any) -> str:
+    blob = json.dumps([_canonical(v) for v in values], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _check_name(check: Callable[..., Any]) -> str:
+    while isinstance(check, functools.partial):
+        check = check.func
+    return getattr(check, "__name__", None) or type(check).__name__
 
 
 def doctor(
@@ -105,44 +177,66 @@ def doctor(
     columns: ColumnMap | None = None,
     checks: Sequence[RecordCheck] = (),
 ) -> DoctorReport:
-    """Validate a dataset and return every finding (never raises on bad rows)."""
+    """Validate a preference dataset and report every problem found (see the module docstring).
+
+    Never raises on bad rows or a missing dataset: a dataset that does not exist or cannot be opened
+    gives one ``unreadable`` error finding; a custom check that raises is reported under its name.
+
+    Args:
+        path: The dataset (jsonl, parquet file or shard directory, HF dataset on disk).
+        format: ``"auto"``, ``"jsonl"``, ``"parquet"`` or ``"hf"``.
+        kind: ``"paired"`` or ``"unpaired"``.
+        columns: The source column names.
+        checks: Extra per-record checks (``(record, base_dir) -> problems``), each reported under the
+            function's name.
+
+    Returns:
+        :class:`DoctorReport`: ``report.ok`` is ``False`` when any error-severity check fired.
+
+    Raises:
+        ValueError: ``kind`` is not ``"paired"`` or ``"unpaired"``.
+    """
+    if kind not in ("paired", "unpaired"):
+        raise ValueError(f"kind must be 'paired' or 'unpaired', got {kind!r}")
     cols = columns or ColumnMap()
     report = DoctorReport(str(path))
     p = Path(path)
-    base_dir = p.parent if p.is_file() else p
+    base_dir = p if p.is_dir() else p.parent
     seen: dict[str, str] = {}
     try:
-        rows = iter_rows(p, format)
-        for source, i, row, error in rows:
+        for raw in iter_source_rows(p, format):
             report.rows += 1
-            where = f"{Path(source).name}:{i}"
-            if row is None:
-                report.add("malformed", f"{where}: {error}")
+            where = f"{Path(raw.source).name}:{raw.row}"
+            if raw.file_row != raw.row:
+                where += f" (shard row {raw.file_row})"
+            record = row_to_record(raw.data, kind, cols) if raw.data is not None else raw.error
+            if isinstance(record, str):
+                category = record.split(":", 1)[0].strip()
+                report.add(category.replace(" ", "_"), f"{where}: {record}")
                 continue
-            result = row_to_record(row, kind, cols)
-            if isinstance(result, str):
-                category = result.split(":")[0]
-                report.add(category.replace(" ", "_"), f"{where}: {result}")
-                continue
-            ok = True
-            key_cols = (cols.prompt, cols.chosen, cols.rejected) if kind == "paired" else (
-                cols.prompt, cols.completion, cols.label)
-            h = _content_hash({k: row[k] for k in key_cols})
-            if h in seen:
-                report.add("duplicate", f"{where}: same as {seen[h]}")
+            if isinstance(record, PreferencePair):
+                key = _content_hash(record.prompt, record.chosen, record.rejected)
             else:
-                seen[h] = where
-            for problem in check_referenced_files(result, base_dir):
-                check_name = "missing_file" if problem.startswith("missing") else "unreadable_file"
-                report.add(check_name, f"{where}: {problem}")
+                key = _content_hash(record.prompt, record.completion, record.desirable)
+            if key in seen:
+                report.add("duplicate", f"{where}: same as {seen[key]}")
+            else:
+                seen[key] = where
+            ok = True
+            for problem in check_referenced_files(record, base_dir):
+                check = "missing_file" if problem.startswith("missing") else "unreadable_file"
+                report.add(check, f"{where}: {problem}")
                 ok = False
-            for check in checks:
-                for problem in check(result, base_dir):
-                    report.add(getattr(check, "__name__", "check"), f"{where}: {problem}")
+            for custom in checks:
+                name = _check_name(custom)
+                try:
+                    problems = list(custom(record, base_dir))
+                except Exception as exc:  # a buggy or crashing check is a finding, not a crash
+                    problems = [f"check raised {type(exc).__name__}: {exc}"]
+                for problem in problems:
+                    report.add(name, f"{where}: {problem}")
                     ok = False
             report.valid += ok
     except DataError as exc:
-        report.add("unreadable", str(exc))
+        report.add("unreadable", str(exc), "error")
     return report
-
-

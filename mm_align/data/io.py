@@ -214,6 +214,8 @@ def _parquet_rows(p: Path) -> Iterator[RawRow]:
 def _hf_rows(p: Path) -> Iterator[RawRow]:
     import datasets
 
+    if _saved_without_rows(p):
+        return
     try:
         ds = datasets.load_from_disk(str(p))
     except Exception as exc:  # datasets raises FileNotFoundError, ValueError, arrow errors, ...
@@ -229,6 +231,15 @@ def _hf_rows(p: Path) -> Iterator[RawRow]:
     for start in range(0, len(ds), _BATCH):
         for k, row in enumerate(table[start : start + _BATCH].to_pylist()):
             yield RawRow(str(p), start + k, start + k, row, None)
+
+
+def _saved_without_rows(p: Path) -> bool:
+    """A 0-row ``Dataset.save_to_disk`` writes no data files, and ``load_from_disk`` then fails on it."""
+    try:
+        state = json.loads((p / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("_data_files") == []
 
 
 def is_empty(value: Any) -> bool:
@@ -392,10 +403,14 @@ def _rows(records: list[Any], p: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _union_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Give every row every column (``None`` where absent): arrow infers columns from the FIRST row only."""
-    names = list(dict.fromkeys(k for r in rows for k in r))
-    return [{k: r.get(k) for k in names} for r in rows]
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Column lists where every row has every column (``None`` where absent).
+
+    Arrow and ``datasets`` infer the columns from the FIRST row only, so later meta keys would be lost.
+    No records gives the paired columns, empty (a dataset without columns cannot be loaded back).
+    """
+    names = list(dict.fromkeys(k for r in rows for k in r)) or ["prompt", "chosen", "rejected", "id"]
+    return {k: [r.get(k) for r in rows] for k in names}
 
 
 def _has_bytes(value: Any) -> bool:
@@ -486,7 +501,7 @@ def _write_parquet(rows: list[dict[str, Any]], p: Path, tmp: Path) -> None:
     import pyarrow.parquet as pq
 
     try:
-        table = pa.Table.from_pylist(_union_columns(rows))
+        table = pa.Table.from_pydict(_columns(rows))
     except (pa.ArrowException, TypeError, ValueError) as exc:
         raise DataError(f"{p}: cannot build a parquet table from the records (a column mixing types?): {exc}") from exc
     pq.write_table(table, tmp)
@@ -500,7 +515,7 @@ def _write_hf(rows: list[dict[str, Any]], p: Path, tmp: Path) -> None:
     if p.exists() and not p.is_dir():
         raise DataError(f"{p}: exists and is not a directory; an HF dataset is written as a directory")
     try:
-        ds = datasets.Dataset.from_list(_union_columns(rows))
+        ds = datasets.Dataset.from_dict(_columns(rows))
     except (pa.ArrowException, TypeError, ValueError) as exc:
         raise DataError(f"{p}: cannot build an HF dataset from the records (a column mixing types?): {exc}") from exc
     ds.save_to_disk(str(tmp))
