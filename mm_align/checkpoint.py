@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mm_align.atomic import atomic_write_json
+
 __all__ = [
     "CHECKPOINT_RE",
     "find_latest",
@@ -30,17 +32,10 @@ __all__ = [
     "load_checkpoint",
     "rng_state",
     "set_rng_state",
-    "write_json_atomic",
 ]
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -131,15 +126,15 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
-    write_json_atomic(tmp / f"rng_state_{rank}.json", rng_state())
+    atomic_write_json(tmp / f"rng_state_{rank}.json", rng_state())
     barrier()
     if is_main:
         save_file(model_state(model, trainable_only), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        write_json_atomic(tmp / "scheduler.json", _jsonable(scheduler.state_dict()))
+        atomic_write_json(tmp / "scheduler.json", _jsonable(scheduler.state_dict()))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        write_json_atomic(tmp / STATE_FILE, trainer_state)
+        atomic_write_json(tmp / STATE_FILE, trainer_state)
         if final.exists():  # a resumed run reaching the same step again: replace the old one
             shutil.rmtree(final)
         os.replace(tmp, final)

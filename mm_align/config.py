@@ -26,7 +26,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from mm_align.atomic import atomic_write_text
 
 __all__ = [
     "ConfigError",
@@ -488,20 +489,6 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_resolved(cfg: Any, output_dir: str | Path) -> None:
     """
     Write the resolved config and the library versions next to a checkpoint or report.
@@ -518,8 +505,8 @@ def write_resolved(cfg: Any, output_dir: str | Path) -> None:
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "config.yaml", dump_yaml(cfg))
-    _atomic_write(out / "versions.json", json.dumps(library_versions(), indent=2) + "\n")
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    atomic_write_text(out / "versions.json", json.dumps(library_versions(), indent=2) + "\n")
 
 
 def _default_repr(f: dataclasses.Field) -> str:

@@ -17,13 +17,14 @@ import logging
 import math
 import numbers
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mm_align.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +49,6 @@ def _value(key: str, v: Any) -> Any:
         v = float(v)
         return v if math.isfinite(v) else None  # JSON has no NaN/inf: written as null
     raise TypeError(f"metric '{key}' has a value of type {type(v).__name__}; log numbers or scalar tensors")
-
-
-def _atomic_write_lines(path: Path, lines: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.writelines(lines)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class MetricsLogger:
@@ -139,7 +127,7 @@ class MetricsLogger:
                 kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= resume_step]
                 if len(kept) != len(records):
                     logger.info(f"{self.path}: dropped {len(records) - len(kept)} record(s) after step {resume_step}")
-                _atomic_write_lines(self.path, [json.dumps(r) + "\n" for r in kept])
+                atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()  # a fresh run into an old directory starts a fresh log
         self._file = self.path.open("a", encoding="utf-8")

@@ -16,13 +16,12 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mm_align.atomic import atomic_write_text
 from mm_align.metrics_log import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -147,17 +146,6 @@ table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;paddin
 th{background:#f5f5f5}th.k{text-align:left}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}"""
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(
     run_dir: str | Path,
     sections: Sequence[ReportSection] = (),
@@ -261,5 +249,5 @@ def write_report(
     )
     out = Path(output) if output is not None else run / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, page)
+    atomic_write_text(out, page)
     return out
