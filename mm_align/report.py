@@ -43,6 +43,8 @@ PANELS: list[tuple[str, list[str]]] = [
     ("Gradient norm", ["grad_norm"]),
 ]
 _SKIP = frozenset({"step", "time"})
+# run bookkeeping the trainer logs: listed in the summary table, not plotted
+_NOT_PLOTTED = frozenset({"epoch", "skipped_steps", "steps_per_second"})
 
 
 @dataclass
@@ -203,7 +205,11 @@ def write_report(
         figures = []
         panels = [*PANELS, ("Other", [])]
         for panel, patterns in panels:
-            panel_keys = _matching(keys, patterns, taken) if patterns else [k for k in keys if k not in taken]
+            plottable = [k for k in keys if k not in _NOT_PLOTTED]
+            if patterns:
+                panel_keys = _matching(plottable, patterns, taken)
+            else:
+                panel_keys = [k for k in plottable if k not in taken]
             if not panel_keys:
                 continue
             taken.update(panel_keys)
