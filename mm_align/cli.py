@@ -83,6 +83,9 @@ def cmd_train(config: str, overrides: Sequence[str]) -> int:
 
     if not cfg.data.train:
         raise SystemExit("error: data.train is not set")
+    if hasattr(adapter, "base_dir"):  # relative media paths in the data resolve against the data file
+        train_path = Path(cfg.data.train).resolve()
+        adapter.base_dir = train_path if train_path.is_dir() else train_path.parent
     records = read(cfg.data.train, cfg.data)
     eval_records = read(cfg.data.eval, cfg.data) if cfg.data.eval else None
     result = train(adapter, records, cfg.train, eval_records, run_config=cfg)

@@ -16,6 +16,7 @@ __all__ = ["ADAPTERS", "MODALITY_COMMANDS", "load_object", "build_adapter", "shi
 # name -> "module:attribute". One literal dict; `mm-align ls adapters` prints it.
 ADAPTERS: dict[str, str] = {
     "synthetic": "mm_align.synthetic:SyntheticAdapter",
+    "sd": "mm_align.image.diffusion_adapter:StableDiffusionAdapter",
 }
 
 # (command, modality) -> "module:function(argv) -> exit code". Absent = not implemented yet.
