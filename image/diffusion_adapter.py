@@ -1,4 +1,4 @@
-"""The text-to-image diffusion adapter (SD1.5 type): denoising errors for Diffusion-DPO, MaPO, NPO, KTO.
+"""The text-to-image diffusion adapter (SD1.5 and SDXL types): denoising errors for Diffusion-DPO, MaPO, NPO, KTO.
 
 Components are loaded from a diffusers model directory or hub id with ``from_pretrained``: the
 UNet (what is trained), the VAE and the CLIP text encoder (frozen), the tokenizer and the
@@ -8,6 +8,10 @@ reference pass see the same draw, so cached and live reference errors agree exac
 
 The VAE latents and text embeddings of a batch are computed once and kept in the batch, so the
 reference pass (LoRA disabled) costs one UNet forward and nothing else.
+
+SDXL-type models (a ``text_encoder_2`` folder) add the second text encoder: prompt embeddings
+are both encoders' penultimate hidden states concatenated, the pooled embedding comes from the
+second, and ``add_time_ids`` = (original size, crop top-left, target size) of each image.
 """
 
 from __future__ import annotations
@@ -62,8 +66,12 @@ def load_image(value: Any, base_dir: Path | None = None) -> Image.Image:
     raise ValueError(f"cannot read an image from a {type(value).__name__}")
 
 
-def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to ``resolution``, centre-crop, scale to [−1, 1]: ``(3, R, R)``."""
+def image_to_tensor(image: Image.Image, resolution: int) -> tuple[torch.Tensor, tuple[int, int, int, int, int, int]]:
+    """Resize the shorter side to ``resolution``, centre-crop, scale to [−1, 1]: ``(3, R, R)``.
+
+    Also returns SDXL's micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, R, R)``.
+    """
+    orig_w, orig_h = image.size
     w, h = image.size
     scale = resolution / min(w, h)
     image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
@@ -71,11 +79,11 @@ def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     left, top = (w - resolution) // 2, (h - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3)
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return torch.from_numpy(array).permute(2, 0, 1), (orig_h, orig_w, top, left, resolution, resolution)
 
 
 class StableDiffusionAdapter:
-    """:class:`~mm_align.types.PreferenceAdapter` for SD1.5-type pipelines (one CLIP text encoder)."""
+    """:class:`~mm_align.types.PreferenceAdapter` for SD1.5-type and SDXL-type diffusers pipelines."""
 
     score_kind = "error"
     stochastic_scores = True
@@ -97,6 +105,16 @@ class StableDiffusionAdapter:
         self.text_encoder.requires_grad_(False).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
         self.scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+        self.is_sdxl = (Path(src) / "text_encoder_2").is_dir() or getattr(
+            self.model.config, "addition_embed_type", None
+        ) == "text_time"
+        self.text_encoder_2 = self.tokenizer_2 = None
+        if self.is_sdxl:
+            from transformers import CLIPTextModelWithProjection
+
+            self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **kw)
+            self.text_encoder_2.requires_grad_(False).eval()
+            self.tokenizer_2 = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw)
         if self.scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {self.scheduler.config.prediction_type!r}")
         if config.gradient_checkpointing:
@@ -116,7 +134,7 @@ class StableDiffusionAdapter:
         return self._fingerprint
 
     # ---- batches --------------------------------------------------------------------------
-    def _pixels(self, value: Any, record: Any) -> torch.Tensor:
+    def _pixels(self, value: Any, record: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
         try:
             return image_to_tensor(load_image(value, self.base_dir), self.config.resolution)
         except (OSError, ValueError) as exc:
@@ -130,24 +148,30 @@ class StableDiffusionAdapter:
             images = [[self._pixels(r.chosen, r), self._pixels(r.rejected, r)] for r in records]
         size = self.config.resolution // self.latent_factor
         channels = self.model.config.in_channels
+        time_ids = [[t for _, t in imgs] for imgs in images]
+        images = [[p for p, _ in imgs] for imgs in images]
         noise, vae_noise, timesteps = [], [], []
         for s, imgs in zip(seeds, images):
             g = torch.Generator().manual_seed(s)
             noise.append(torch.randn(channels, size, size, generator=g))  # shared by chosen, rejected, reference
             timesteps.append(int(torch.randint(0, self.scheduler.config.num_train_timesteps, (1,), generator=g)))
             vae_noise.append(torch.randn(len(imgs), channels, size, size, generator=g))  # latent_dist sample
-        tokens = self.tokenizer(
-            [r.prompt if isinstance(r.prompt, str) else str(r.prompt) for r in records],
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        prompts = [r.prompt if isinstance(r.prompt, str) else str(r.prompt) for r in records]
+
+        def tokenize(tokenizer: Any) -> torch.Tensor:
+            return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids
+
+        tokens = tokenize(self.tokenizer)
         batch = {
             "input_ids": tokens,  # (B, L)
             "noise": torch.stack(noise),  # (B, C, h, w)
             "timesteps": torch.tensor(timesteps, dtype=torch.long),  # (B,)
         }
+        if self.is_sdxl:
+            batch["input_ids_2"] = tokenize(self.tokenizer_2)
+            order = [ids[0] for ids in time_ids] + ([] if unpaired else [ids[1] for ids in time_ids])
+            batch["time_ids"] = torch.tensor(order, dtype=torch.float32)  # (N, 6), same order as pixels
         if unpaired:
             batch["pixels"] = torch.stack([i[0] for i in images])  # (B, 3, R, R)
             batch["vae_noise"] = torch.stack([v[0] for v in vae_noise])
@@ -171,7 +195,15 @@ class StableDiffusionAdapter:
         dist = self.vae.encode(batch["pixels"].to(self.vae.dtype)).latent_dist
         latents = (dist.mean + dist.std * batch["vae_noise"].to(dist.mean.dtype)) * self.vae.config.scaling_factor
         batch["_latents"] = latents.float()  # (N, C, h, w)
-        batch["_text"] = self.text_encoder(batch["input_ids"])[0]  # (B, L, D)
+        if not self.is_sdxl:
+            batch["_text"] = self.text_encoder(batch["input_ids"])[0]  # (B, L, D)
+            return
+        assert self.text_encoder_2 is not None
+        self.text_encoder_2.to(device)
+        out1 = self.text_encoder(batch["input_ids"], output_hidden_states=True)
+        out2 = self.text_encoder_2(batch["input_ids_2"], output_hidden_states=True)
+        batch["_text"] = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # (B, L, D1 + D2)
+        batch["_pooled"] = out2.text_embeds  # (B, D2)
 
     def scores(self, batch: dict[str, torch.Tensor], model: nn.Module) -> Scores:
         self._encode(batch)
@@ -185,7 +217,11 @@ class StableDiffusionAdapter:
             target = noise
         else:
             target = self.scheduler.get_velocity(latents, noise, t)
-        pred = model(noisy, t, encoder_hidden_states=text).sample  # (N, C, h, w)
+        extra = {}
+        if self.is_sdxl:
+            pooled = batch["_pooled"].repeat(repeat, 1)
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(pooled.dtype)}
+        pred = model(noisy, t, encoder_hidden_states=text, **extra).sample  # (N, C, h, w)
         err = denoising_error(pred, target)  # (N,)
         if repeat == 1:
             return Scores("error", err, desirable=batch["desirable"])
@@ -194,7 +230,7 @@ class StableDiffusionAdapter:
 
     def save(self, model: nn.Module, output_dir: str, lora: bool) -> None:
         """LoRA in the diffusers format (``pipeline.load_lora_weights(dir)`` loads it), or the full UNet."""
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
@@ -202,6 +238,7 @@ class StableDiffusionAdapter:
         out.mkdir(parents=True, exist_ok=True)
         if lora:
             state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-            StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=state, safe_serialization=True)
+            pipeline = StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
+            pipeline.save_lora_weights(out, unet_lora_layers=state, safe_serialization=True)
         else:
             model.save_pretrained(out / "unet")  # type: ignore[operator]

@@ -19,12 +19,13 @@ from mm_align.data import PreferencePair, UnpairedSample
 from mm_align.run_config import TrainConfig
 from mm_align.trainer import train
 
-from .tiny_pipeline import save_tiny_sd15
+from .tiny_pipeline import save_tiny_sd15, save_tiny_sdxl
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_sd15(tmp_path_factory.mktemp("tiny_sd15"))
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def model_dir(request, tmp_path_factory) -> Path:
+    save = save_tiny_sd15 if request.param == "sd15" else save_tiny_sdxl
+    return save(tmp_path_factory.mktemp(f"tiny_{request.param}"))
 
 
 @pytest.fixture(scope="module")
@@ -95,22 +96,23 @@ def test_chosen_rejected_and_reference_share_noise_and_timestep(tmp_path, model_
 
 
 def test_saved_lora_loads_into_plain_diffusers(tmp_path, model_dir, image_dir):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     adapter = _adapter(model_dir)
     result = train(adapter, _pairs(image_dir), _cfg(tmp_path, "diffusion_dpo"))
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(model_dir), safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir))  # plain diffusers, its own loader
     pipe.load_lora_weights(str(result.final_dir))
     torch.manual_seed(1)
-    x, text = torch.randn(2, 4, 2, 2), torch.randn(2, 16, 32)
-    t = torch.tensor([10, 500])
+    x, t = torch.randn(2, 4, 2, 2), torch.tensor([10, 500])
+    dim = adapter.model.config.cross_attention_dim
+    kw = {"encoder_hidden_states": torch.randn(2, 16, dim)}
+    if adapter.is_sdxl:
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32), "time_ids": torch.rand(2, 6) * 64}
     with torch.no_grad():
-        ours = adapter.model(x, t, encoder_hidden_states=text).sample
-        theirs = pipe.unet(x, t, encoder_hidden_states=text).sample
+        ours = adapter.model(x, t, **kw).sample
+        theirs = pipe.unet(x, t, **kw).sample
         pipe.unet.disable_lora()
-        base = pipe.unet(x, t, encoder_hidden_states=text).sample
+        base = pipe.unet(x, t, **kw).sample
     assert (ours - theirs).abs().max().item() <= 1e-4
     assert (ours - base).abs().max().item() > 1e-6  # the LoRA really changed the output
 
@@ -127,3 +129,13 @@ def test_mm_align_train_cli_loads_the_model_dir(tmp_path, model_dir, image_dir):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", "--config", str(tmp_path / "cfg.yaml")]) == 0
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_image_to_tensor_crop_and_sdxl_time_ids():
+    """20×24 (h×w) image at 16 px: shorter side 20 → 16, so 24 → 19; centre crop left = (19 − 16) // 2 = 1.
+    SDXL add_time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) = (20, 24, 0, 1, 16, 16)."""
+    from mm_align.image.diffusion_adapter import image_to_tensor
+
+    pixels, ids = image_to_tensor(Image.new("RGB", (24, 20), (255, 0, 0)), 16)
+    assert pixels.shape == (3, 16, 16) and ids == (20, 24, 0, 1, 16, 16)
+    assert pixels[0].min().item() == pytest.approx(1.0) and pixels[1].max().item() == pytest.approx(-1.0)
