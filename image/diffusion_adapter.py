@@ -133,6 +133,18 @@ class StableDiffusionAdapter:
     def fingerprint(self) -> str:
         return self._fingerprint
 
+    def read_dataset(self, path: str, data: Any, kind: str) -> Any:
+        """``data.format=pickapic`` reads Pick-a-Pic columns; anything else goes to the core readers."""
+        from mm_align.data import ColumnMap, read_preferences
+
+        if data.format == "pickapic":
+            if kind != "paired":
+                raise ValueError("Pick-a-Pic data is paired; use a paired loss (diffusion_dpo, mapo, npo, smpo)")
+            from mm_align.image.pickapic import read_pickapic
+
+            return read_pickapic(path, strict=data.strict)
+        return read_preferences(path, data.format, kind, from_dict(ColumnMap, data.columns), strict=data.strict)
+
     # ---- batches --------------------------------------------------------------------------
     def _pixels(self, value: Any, record: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
         try:
