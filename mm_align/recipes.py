@@ -39,8 +39,12 @@ def build_adapter(name: str, model_config: dict[str, Any]) -> Any:
 
 def shipped_configs() -> dict[str, Path]:
     """Configs shipped with the package, by name (file stem)."""
-    root = resources.files("mm_align") / "configs"
-    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+    found: dict[str, Path] = {}
+    for package in ("mm_align", "mm_align.image", "mm_align.video", "mm_align.audio"):
+        root = resources.files(package) / "configs"
+        if root.is_dir():
+            found.update({Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")})
+    return found
 
 
 def resolve_config_path(value: str) -> Path:

@@ -139,3 +139,20 @@ def test_image_to_tensor_crop_and_sdxl_time_ids():
     pixels, ids = image_to_tensor(Image.new("RGB", (24, 20), (255, 0, 0)), 16)
     assert pixels.shape == (3, 16, 16) and ids == (20, 24, 0, 1, 16, 16)
     assert pixels[0].min().item() == pytest.approx(1.0) and pixels[1].max().item() == pytest.approx(-1.0)
+
+
+def test_shipped_image_recipes_validate():
+    """Every shipped image recipe parses into a RunConfig with its paper's loss and β."""
+    from mm_align.config import load_config
+    from mm_align.losses import get_loss
+    from mm_align.recipes import shipped_configs
+    from mm_align.run_config import RunConfig
+
+    recipes = {k: v for k, v in shipped_configs().items() if k.startswith(("sd15_", "sdxl_"))}
+    expected = {"sd15_diffusion_dpo", "sdxl_diffusion_dpo", "sd15_mapo", "sd15_npo", "sdxl_npo", "sd15_kto"}
+    assert expected <= set(recipes)
+    for path in recipes.values():
+        cfg = load_config(RunConfig, path)
+        assert cfg.adapter == "sd" and get_loss(cfg.train.loss[0])
+    assert load_config(RunConfig, recipes["sdxl_npo"]).train.beta == 2000
+    assert load_config(RunConfig, recipes["sd15_npo"]).train.learning_rate == 5e-6
