@@ -10,16 +10,13 @@ inconsistent labels are SKIPPED AND COUNTED (``ReadResult.skipped`` names file, 
 from __future__ import annotations
 
 import io
-import logging
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from mm_align.data import DataError, PreferencePair, ReadResult, SkippedRow
-from mm_align.data.io import is_empty, iter_source_rows
-
-logger = logging.getLogger(__name__)
+from mm_align.data import PreferencePair, ReadResult
+from mm_align.data.io import is_empty, read_rows
 
 __all__ = ["PICKAPIC_COLUMNS", "read_pickapic", "check_image_bytes", "pickapic_row"]
 
@@ -65,18 +62,4 @@ def pickapic_row(row: dict[str, Any]) -> PreferencePair | str:
 
 def read_pickapic(path: str | Path, format: str = "auto", strict: bool = False) -> ReadResult:
     """Read Pick-a-Pic-schema data (parquet file or shard directory, HF dataset on disk, jsonl)."""
-    records: list[PreferencePair] = []
-    skipped: list[SkippedRow] = []
-    for raw in iter_source_rows(path, format):
-        result = pickapic_row(raw.data) if raw.data is not None else (raw.error or "unreadable row")
-        if isinstance(result, str):
-            if strict:
-                raise DataError(f"{raw.source}: row {raw.file_row}: {result}")
-            skipped.append(SkippedRow(raw.source, raw.row, result))
-        else:
-            records.append(result)
-    out = ReadResult(records, skipped, str(path))
-    if skipped:
-        counts = ", ".join(f"{k}: {v}" for k, v in out.skipped_by_reason().items())
-        logger.warning(f"{path}: kept {len(records)} Pick-a-Pic pairs, skipped {len(skipped)} rows ({counts})")
-    return out
+    return read_rows(path, pickapic_row, format, strict)

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -360,10 +360,24 @@ def read_preferences(
     if kind not in ("paired", "unpaired"):
         raise ValueError(f"kind must be 'paired' or 'unpaired', got {kind!r}")
     cols = columns or ColumnMap()
+    return read_rows(path, lambda row: row_to_record(row, kind, cols), format, strict)
+
+
+def read_rows(
+    path: str | Path,
+    parse: Callable[[dict[str, Any]], Any],
+    format: str = "auto",
+    strict: bool = False,
+) -> ReadResult:
+    """Read any row schema with ``parse(row) -> record | skip reason``, skipping and counting bad rows.
+
+    The one skip-and-count loop behind :func:`read_preferences` and the modality readers (Pick-a-Pic);
+    ``strict`` raises :class:`DataError` naming the file, row and reason at the first bad row.
+    """
     records: list[Any] = []
     skipped: list[SkippedRow] = []
     for raw in iter_source_rows(path, format):
-        result = row_to_record(raw.data, kind, cols) if raw.data is not None else raw.error
+        result = parse(raw.data) if raw.data is not None else raw.error
         if isinstance(result, str):
             if strict:
                 raise DataError(f"{raw.where()}: {result}")
