@@ -16,10 +16,8 @@ second, and ``add_time_ids`` = (original size, crop top-left, target size) of ea
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from torch import nn
 
 from mm_align.config import from_dict, option
 from mm_align.data import UnpairedSample
+from mm_align.reference_cache import model_fingerprint
 from mm_align.scores import denoising_error
 from mm_align.types import Scores
 
@@ -89,6 +88,8 @@ class StableDiffusionAdapter:
     stochastic_scores = True
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
     Config = DiffusionModelConfig
+    # data.format values this modality reads itself (paired data): name -> "module:reader(path, strict=...)"
+    dataset_formats = {"pickapic": "mm_align.image.pickapic:read_pickapic"}
 
     def __init__(self, config: DiffusionModelConfig) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -121,10 +122,7 @@ class StableDiffusionAdapter:
             self.model.enable_gradient_checkpointing()
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.base_dir: Path | None = None
-        h = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
-        for k, v in sorted(self.model.state_dict().items()):  # the base UNet (before LoRA)
-            h.update(k.encode()), h.update(v.detach().float().cpu().numpy().tobytes())
-        self._fingerprint = h.hexdigest()[:24]
+        self._fingerprint = model_fingerprint(config, self.model)  # the base weights, before LoRA
 
     @classmethod
     def from_config(cls, data: dict[str, Any]) -> StableDiffusionAdapter:
@@ -132,18 +130,6 @@ class StableDiffusionAdapter:
 
     def fingerprint(self) -> str:
         return self._fingerprint
-
-    def read_dataset(self, path: str, data: Any, kind: str) -> Any:
-        """``data.format=pickapic`` reads Pick-a-Pic columns; anything else goes to the core readers."""
-        from mm_align.data import ColumnMap, read_preferences
-
-        if data.format == "pickapic":
-            if kind != "paired":
-                raise ValueError("Pick-a-Pic data is paired; use a paired loss (diffusion_dpo, mapo, npo, smpo)")
-            from mm_align.image.pickapic import read_pickapic
-
-            return read_pickapic(path, strict=data.strict)
-        return read_preferences(path, data.format, kind, from_dict(ColumnMap, data.columns), strict=data.strict)
 
     # ---- batches --------------------------------------------------------------------------
     def _pixels(self, value: Any, record: Any) -> tuple[torch.Tensor, tuple[int, ...]]:

@@ -57,7 +57,7 @@ def cmd_train(config: str, overrides: Sequence[str]) -> int:
     from mm_align.config import from_dict, load_config
     from mm_align.data import ColumnMap, read_preferences
     from mm_align.losses import get_loss
-    from mm_align.recipes import build_adapter, resolve_config_path
+    from mm_align.recipes import build_adapter, load_object, resolve_config_path
     from mm_align.run_config import DataConfig, RunConfig
     from mm_align.trainer import train
 
@@ -70,9 +70,11 @@ def cmd_train(config: str, overrides: Sequence[str]) -> int:
     kind = "paired" if kinds.pop() else "unpaired"
 
     def read(path: str, data: DataConfig) -> list:
-        reader = getattr(adapter, "read_dataset", None)
-        if reader is not None:
-            result = reader(path, data, kind)
+        formats = getattr(adapter, "dataset_formats", {})
+        if data.format in formats:
+            if kind != "paired":
+                raise ValueError(f"data.format={data.format} holds paired data; {cfg.train.loss} needs unpaired data")
+            result = load_object(formats[data.format])(path, strict=data.strict)
         else:
             columns = from_dict(ColumnMap, data.columns, path="data.columns")
             result = read_preferences(path, data.format, kind, columns, strict=data.strict)

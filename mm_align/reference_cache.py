@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from mm_align.types import Scores
 
-__all__ = ["sample_seed", "records_fingerprint", "ReferenceCache", "default_cache_dir"]
+__all__ = ["sample_seed", "records_fingerprint", "model_fingerprint", "ReferenceCache", "default_cache_dir"]
 
 
 def sample_seed(seed: int, index: int, epoch: int | None) -> int:
@@ -59,6 +59,18 @@ def records_fingerprint(records: Sequence[Any]) -> str:
     """A content hash of a list of records (bytes hashed, never pickled)."""
     h = hashlib.sha256()
     _feed(h, list(records))
+    return h.hexdigest()[:24]
+
+
+def model_fingerprint(settings: Any, model: torch.nn.Module) -> str:
+    """A hash of scoring settings (a dataclass) and a model's weights: the adapter's cache-key part.
+
+    Call it on the base model before LoRA is injected, so it names the reference network.
+    """
+    h = hashlib.sha256()
+    _feed(h, settings)
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode()), h.update(v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:24]
 
 

@@ -14,7 +14,6 @@ timestep of diffusion adapters, to test that cached and live reference scores ag
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 from mm_align.config import from_dict, option
 from mm_align.data import PreferencePair, UnpairedSample
 from mm_align.lora import lora_state_dict
+from mm_align.reference_cache import model_fingerprint
 from mm_align.types import Scores
 
 __all__ = ["SyntheticModelConfig", "SyntheticPolicy", "SyntheticWorld", "SyntheticAdapter", "preference_accuracy"]
@@ -137,10 +137,7 @@ class SyntheticAdapter:
         self.n_outcomes = self.model.config["n_outcomes"]
         self.stochastic_scores = c.noise_scale > 0
         self.lora_target_modules = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
-        h = hashlib.sha256(json.dumps(asdict(c), sort_keys=True).encode())
-        for k, v in sorted(self.model.state_dict().items()):
-            h.update(k.encode()), h.update(v.detach().cpu().numpy().tobytes())
-        self._fingerprint = h.hexdigest()[:24]
+        self._fingerprint = model_fingerprint(c, self.model)  # the base weights, before LoRA
 
     @classmethod
     def from_config(cls, data: dict[str, Any]) -> SyntheticAdapter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,12 +82,18 @@ def loss_param_names(name: str) -> dict[str, Any]:
     Returns:
         ``{parameter: default}``, e.g. ``{"label_smoothing": 0.0}`` for ``robust``; ``{}`` for ``sigmoid``.
     """
-    sig = inspect.signature(get_loss(name).fn)
-    return {
-        p.name: p.default
+    return dict(_param_defaults(get_loss(name).fn))
+
+
+@functools.cache
+def _param_defaults(fn: Callable[..., Any]) -> tuple[tuple[str, Any], ...]:
+    # cached: compute_loss asks on every training step
+    sig = inspect.signature(fn)
+    return tuple(
+        (p.name, p.default)
         for p in sig.parameters.values()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "beta"
-    }
+    )
 
 
 def _check(spec: LossSpec, policy: Scores, reference: Scores | None) -> None:
