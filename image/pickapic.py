@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from mm_align.data import PreferencePair, ReadResult
+from mm_align.data import DataError, PreferencePair, ReadResult
 from mm_align.data.io import is_empty, read_rows
 
 __all__ = ["PICKAPIC_COLUMNS", "read_pickapic", "check_image_bytes", "pickapic_row"]
@@ -60,6 +60,12 @@ def pickapic_row(row: dict[str, Any]) -> PreferencePair | str:
     return PreferencePair(row["caption"], row[f"jpg_{win}"], row[f"jpg_{lose}"], rid, meta)
 
 
-def read_pickapic(path: str | Path, format: str = "auto", strict: bool = False) -> ReadResult:
-    """Read Pick-a-Pic-schema data (parquet file or shard directory, HF dataset on disk, jsonl)."""
+def read_pickapic(path: str | Path, format: str = "auto", strict: bool = False, kind: str = "paired") -> ReadResult:
+    """Read Pick-a-Pic-schema data (parquet file or shard directory, HF dataset on disk, jsonl).
+
+    Raises:
+        DataError: ``kind`` is not ``"paired"`` (Pick-a-Pic holds pairs; unpaired losses need other data).
+    """
+    if kind != "paired":
+        raise DataError(f"{path}: Pick-a-Pic data holds pairs; a {kind} loss needs unpaired data")
     return read_rows(path, pickapic_row, format, strict)

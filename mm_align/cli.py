@@ -1,8 +1,8 @@
 """``mm-align``: one entry point, an explicit list of commands.
 
     mm-align train --config CONFIG [key=value ...]
-    mm-align generate|evaluate|bench MODALITY [args ...]
-    mm-align doctor DATA [--format F] [--kind paired|unpaired]
+    mm-align generate|evaluate|bench|convert MODALITY [args ...]
+    mm-align doctor DATA [--format F] [--kind paired|unpaired] [--modality M]
     mm-align report RUN_DIR
     mm-align quickstart [--output-dir DIR]
     mm-align ls [losses|adapters|configs]
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-COMMANDS = ("train", "generate", "evaluate", "bench", "doctor", "report", "quickstart", "ls")
+COMMANDS = ("train", "generate", "evaluate", "bench", "convert", "doctor", "report", "quickstart", "ls")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="a YAML file or the name of a shipped config (mm-align ls)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=1e-5")
 
-    modality_commands = (("generate", "generate preference data"), ("evaluate", "score samples"), ("bench", "bench"))
+    modality_commands = (
+        ("generate", "generate preference data"),
+        ("evaluate", "score samples with evaluators"),
+        ("bench", "benchmark base vs aligned"),
+        ("convert", "convert datasets between formats"),
+    )
     for name, what in modality_commands:
         g = sub.add_parser(name, help=f"{what} for a modality")
         g.add_argument("modality", help="image, video, vlm or speech")
@@ -39,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("data", help="jsonl file, parquet file or shard directory, or HF dataset directory")
     d.add_argument("--format", default="auto")
     d.add_argument("--kind", choices=("paired", "unpaired"), default="paired")
+    d.add_argument("--modality", default=None, help="add the modality's own checks (e.g. image: corrupt/tiny images)")
 
     r = sub.add_parser("report", help="render a run's training curves as one HTML page")
     r.add_argument("run_dir")
@@ -71,11 +77,11 @@ def cmd_train(config: str, overrides: Sequence[str]) -> int:
 
     def read(path: str, data: DataConfig) -> list:
         formats = getattr(adapter, "dataset_formats", {})
-        if data.format in formats:
-            if kind != "paired":
-                raise ValueError(f"data.format={data.format} holds paired data; {cfg.train.loss} needs unpaired data")
-            result = load_object(formats[data.format])(path, strict=data.strict)
+        if data.format in formats:  # reader(path, strict=, kind=, **data.options); it rejects a kind it cannot give
+            result = load_object(formats[data.format])(path, strict=data.strict, kind=kind, **data.options)
         else:
+            if data.options:
+                raise ValueError(f"data.options is only read by an adapter's own formats ({', '.join(formats)})")
             columns = from_dict(ColumnMap, data.columns, path="data.columns")
             result = read_preferences(path, data.format, kind, columns, strict=data.strict)
         if result.skipped:
@@ -116,10 +122,10 @@ def cmd_modality(command: str, modality: str, args: Sequence[str]) -> int:
     return int(load_object(target)(list(args)) or 0)
 
 
-def cmd_doctor(data: str, fmt: str, kind: str) -> int:
-    from mm_align.data import doctor
+def cmd_doctor(data: str, fmt: str, kind: str, modality: str | None = None) -> int:
+    from mm_align.recipes import modality_doctor
 
-    report = doctor(data, format=fmt, kind=kind)
+    report = modality_doctor(modality)(data, format=fmt, kind=kind)
     print(report.table())
     print(f"{report.source}: {report.rows} rows, {report.valid} valid — {'OK' if report.ok else 'ERRORS FOUND'}")
     return 0 if report.ok else 1
@@ -166,10 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args.config, args.overrides)
-        if args.command in ("generate", "evaluate", "bench"):
+        if args.command in ("generate", "evaluate", "bench", "convert"):
             return cmd_modality(args.command, args.modality, args.args)
         if args.command == "doctor":
-            return cmd_doctor(args.data, args.format, args.kind)
+            return cmd_doctor(args.data, args.format, args.kind, args.modality)
         if args.command == "report":
             return cmd_report(args.run_dir, args.output)
         if args.command == "quickstart":

@@ -11,7 +11,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ADAPTERS", "MODALITY_COMMANDS", "load_object", "build_adapter", "shipped_configs", "resolve_config_path"]
+__all__ = [
+    "ADAPTERS", "MODALITY_COMMANDS", "MODALITY_CHECKS", "modality_doctor", "load_object", "build_adapter",
+    "shipped_configs", "resolve_config_path",
+]
 
 # name -> "module:attribute". One literal dict; `mm-align ls adapters` prints it.
 ADAPTERS: dict[str, str] = {
@@ -20,7 +23,15 @@ ADAPTERS: dict[str, str] = {
 }
 
 # (command, modality) -> "module:function(argv) -> exit code". Absent = not implemented yet.
-MODALITY_COMMANDS: dict[tuple[str, str], str] = {}
+MODALITY_COMMANDS: dict[tuple[str, str], str] = {
+    ("evaluate", "image"): "mm_align.image.evaluators:evaluate_main",
+    ("convert", "image"): "mm_align.image.converters:convert_main",
+}
+
+# modality -> "module:attribute", a list of doctor RecordChecks (`mm-align doctor --modality M`).
+MODALITY_CHECKS: dict[str, str] = {
+    "image": "mm_align.image.image_checks:IMAGE_CHECKS",
+}
 
 MODALITIES = ("image", "video", "vlm", "speech")
 
@@ -28,6 +39,21 @@ MODALITIES = ("image", "video", "vlm", "speech")
 def load_object(spec: str) -> Any:
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def modality_doctor(modality: str | None) -> Any:
+    """``doctor(path, format=, kind=)`` with the modality's own record checks added (none for ``None``)."""
+    import functools
+
+    from mm_align.data import doctor
+
+    if modality is None:
+        return doctor
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality '{modality}'; valid: {', '.join(MODALITIES)}")
+    if modality not in MODALITY_CHECKS:
+        return doctor
+    return functools.partial(doctor, checks=tuple(load_object(MODALITY_CHECKS[modality])))
 
 
 def build_adapter(name: str, model_config: dict[str, Any]) -> Any:

@@ -83,6 +83,10 @@ class DataConfig:
     columns: dict[str, str] = option(default_factory=dict, help="Column renames, e.g. {prompt: caption}.")
     strict: bool = option(False, help="Stop at the first bad row instead of skipping and counting it.")
     max_samples: int | None = option(None, help="Use only the first N records (after skipping bad rows).")
+    options: dict[str, Any] = option(
+        default_factory=dict,
+        help="Keyword options for an adapter's own format reader (e.g. the caption perturber of format=captions).",
+    )
 
 
 @dataclass
