@@ -36,6 +36,7 @@ __all__ = [
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+ADAPTER_STATE_FILE = "adapter_state.safetensors"  # an adapter's own state (e.g. EMA weights), when it has one
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -110,6 +111,7 @@ def save_checkpoint(
     barrier: Any,
     keep_last: int | None = None,
     extra_files: dict[str, str] | None = None,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write ``output_dir/checkpoint-{step}`` atomically and prune to the newest ``keep_last``.
 
@@ -134,6 +136,8 @@ def save_checkpoint(
         atomic_write_json(tmp / "scheduler.json", _jsonable(scheduler.state_dict()))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        for name, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
         atomic_write_json(tmp / STATE_FILE, trainer_state)
         if final.exists():  # a resumed run reaching the same step again: replace the old one
             shutil.rmtree(final)

@@ -27,12 +27,13 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import send_to_device, set_seed
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from mm_align.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from mm_align.checkpoint import ADAPTER_STATE_FILE, find_latest, load_checkpoint, save_checkpoint
 from mm_align.config import dump_yaml, write_resolved
 from mm_align.lora import add_lora, lora_disabled
 from mm_align.losses import compute_loss, get_loss
@@ -159,6 +160,10 @@ def train(
         output_dir.mkdir(parents=True, exist_ok=True)
         write_resolved(run_config if run_config is not None else cfg, output_dir)
 
+    prepare = getattr(adapter, "prepare", None)
+    if prepare is not None:
+        with accelerator.main_process_first():
+            prepare(list(records))
     model = adapter.model
     reference_model: nn.Module | None = None
     if cfg.finetune == "lora":
@@ -200,6 +205,8 @@ def train(
                     "(batch_size × processes × accumulation)"
                 )
             pos = _Position(**state["position"])
+            if hasattr(adapter, "load_state_dict") and (ckpt / ADAPTER_STATE_FILE).is_file():
+                adapter.load_state_dict(load_file(str(ckpt / ADAPTER_STATE_FILE)))
             logger.info(f"resumed from {ckpt} at step {pos.step}", main_process_only=True)
 
     metrics_log = MetricsLogger(
@@ -324,6 +331,8 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if hasattr(adapter, "after_optimizer_step"):
+            adapter.after_optimizer_step(base)
         pos.step += 1
         pos.consecutive_nonfinite = 0
         step_metrics = _mean_metrics(outputs)
@@ -370,6 +379,7 @@ def train(
                 barrier=accelerator.wait_for_everyone,
                 keep_last=cfg.checkpoints_total_limit,
                 extra_files={"config.yaml": dump_yaml(run_config if run_config is not None else cfg)},
+                extra_tensors={ADAPTER_STATE_FILE: adapter.state_dict()} if hasattr(adapter, "state_dict") else None,
             )
     bar.close()
     metrics_log.close()

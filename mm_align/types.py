@@ -92,6 +92,13 @@ class PreferenceAdapter(Protocol):
             timestep, mask). The draw is seeded per sample by the trainer, so caching reference
             scores is exact only per (sample, epoch), or for all epochs with ``sample_seeds=fixed``.
         lora_target_modules: default module names LoRA targets in ``model``.
+
+    Optional members the trainer uses when an adapter has them:
+        ``prepare(records)``: once per training set before the first step, on the main process
+            first (dataset-level work: reward normalisation, precomputed latents).
+        ``after_optimizer_step(model)``: after every optimiser step that was taken (e.g. an EMA teacher).
+        ``state_dict() -> dict[str, Tensor]`` / ``load_state_dict(state)``: adapter state that a
+            checkpoint must hold for an exact resume (e.g. EMA weights); saved as ``adapter_state.safetensors``.
     """
 
     model: nn.Module
