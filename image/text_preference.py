@@ -71,15 +71,14 @@ def read_captions(
             an HF image cell).
         strict: Raise at the first bad or unperturbable row instead of skipping and counting it.
         kind: ``"paired"`` → TDPO pairs; ``"unpaired"`` → TKTO samples (two per row).
-        perturber: ``"rule"``, a local causal-LM directory, or a spec dict (see ``make_perturber``).
+        perturber: ``"rule"``, a local causal-LM directory, or a spec dict (see ``make_perturber``);
+            ``"none"``: no perturbation, every row is one desirable ``UnpairedSample`` (Self-NPO's data).
         axes: Perturbation axes to draw from (default: all four).
         seed: Seeds each row's perturbation together with the row index.
 
     Returns:
         :class:`ReadResult` with the records and every skipped row (reason and row number).
     """
-    from mm_align.image.caption_perturb import make_perturber, perturb_dataset
-
     if kind not in ("paired", "unpaired"):
         raise DataError(f"{path}: kind must be paired or unpaired, got {kind!r}")
     rows: list[tuple[str, Any, str | None]] = []
@@ -94,6 +93,12 @@ def read_captions(
             continue
         rows.append(result)
         where.append((raw.source, raw.row))
+    if perturber in ("none", None):  # plain captioned images (Self-NPO, supervised fine-tuning)
+        plain = [UnpairedSample(c, x, True, rid if rid is not None else str(i), {}) for (c, x, rid), (_, i) in
+                 zip(rows, where)]
+        return ReadResult(plain, skipped, str(path))
+    from mm_align.image.caption_perturb import make_perturber, perturb_dataset
+
     results, _ = perturb_dataset([c for c, _, _ in rows], make_perturber(perturber), seed=seed, axes=axes)
     records: list[Any] = []
     for (caption, image, rid), (src, row_index), result in zip(rows, where, results):

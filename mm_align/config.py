@@ -125,6 +125,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+_YAML_BOOLS = {True: ("yes", "on", "true", "y"), False: ("no", "off", "false", "n")}
+
+
 def _coerce(tp: Any, value: Any, path: str, *, lenient: bool = True) -> Any:
     """
     Check ``value`` against the type hint ``tp`` and return it, converted where documented.
@@ -155,6 +158,10 @@ def _coerce(tp: Any, value: Any, path: str, *, lenient: bool = True) -> Any:
         for allowed in args:
             if value == allowed and type(value) is type(allowed):
                 return allowed
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/false (yes/on/true) as a bool: map it back
+            spelled = [a for a in args if isinstance(a, str) and a.lower() in _YAML_BOOLS[value]]
+            if len(spelled) == 1:
+                return spelled[0]
         raise ConfigError(
             f"config key '{path}' must be one of {', '.join(repr(a) for a in args)}; "
             f"got {value!r} ({type(value).__name__})"

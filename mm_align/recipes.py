@@ -20,6 +20,7 @@ __all__ = [
 ADAPTERS: dict[str, str] = {
     "synthetic": "mm_align.synthetic:SyntheticAdapter",
     "sd": "mm_align.image.diffusion_adapter:StableDiffusionAdapter",
+    "sd_self_npo": "mm_align.image.self_npo:SelfNPOAdapter",
 }
 
 # (command, modality) -> "module:function(argv) -> exit code". Absent = not implemented yet.

@@ -295,3 +295,16 @@ class _WithPlainField:
 
 def test_field_without_help_is_described() -> None:
     assert describe(_WithPlainField) == "x: int = 1"
+
+
+def test_yaml_no_is_read_back_as_the_literal_no(tmp_path):
+    """`mixed_precision: no` (YAML 1.1 parses it as False) means the option "no", on the CLI and in files."""
+    from mm_align.run_config import RunConfig
+
+    cfg = load_config(RunConfig, None, ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(RunConfig, path).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config(RunConfig, None, ["train.mixed_precision=yes"])  # no literal spells True

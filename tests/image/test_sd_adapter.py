@@ -143,16 +143,19 @@ def test_image_to_tensor_crop_and_sdxl_time_ids():
 
 def test_shipped_image_recipes_validate():
     """Every shipped image recipe parses into a RunConfig with its paper's loss and β."""
-    from mm_align.config import load_config
+    from mm_align.config import from_dict, load_config
     from mm_align.losses import get_loss
-    from mm_align.recipes import shipped_configs
+    from mm_align.recipes import ADAPTERS, load_object, shipped_configs
     from mm_align.run_config import RunConfig
 
     recipes = {k: v for k, v in shipped_configs().items() if k.startswith(("sd15_", "sdxl_"))}
-    expected = {"sd15_diffusion_dpo", "sdxl_diffusion_dpo", "sd15_mapo", "sd15_npo", "sdxl_npo", "sd15_kto"}
+    expected = {"sd15_diffusion_dpo", "sdxl_diffusion_dpo", "sd15_mapo", "sd15_npo", "sdxl_npo", "sd15_kto",
+                "sd15_tdpo", "sdxl_tdpo", "sd15_self_npo", "sdxl_self_npo"}
     assert expected <= set(recipes)
     for path in recipes.values():
         cfg = load_config(RunConfig, path)
-        assert cfg.adapter == "sd" and get_loss(cfg.train.loss[0])
+        assert cfg.adapter in ("sd", "sd_self_npo") and get_loss(cfg.train.loss[0])
+        config_class = load_object(ADAPTERS[cfg.adapter]).Config
+        from_dict(config_class, cfg.model, path="model")  # every model key is one the adapter knows
     assert load_config(RunConfig, recipes["sdxl_npo"]).train.beta == 2000
     assert load_config(RunConfig, recipes["sd15_npo"]).train.learning_rate == 5e-6
