@@ -1,0 +1,1 @@
+"""The shapes world: prompts, renderer, oracle, and the small trained models the embedded default ships."""
