@@ -1,0 +1,99 @@
+"""Sampling text-to-image pipelines for preference data and benchmarks: batched, seeded per image.
+
+Every image has its own seed (a ``torch.Generator`` per image), so an image depends only on its
+prompt, its seed and the weights — not on the batch it was drawn in — and a base and an aligned
+model sampled with the same seeds differ only by what alignment changed. Samplers: DDIM (η = 0) by
+default; classifier-free guidance, or negative-preference guidance when an NPO LoRA is given
+(:func:`mm_align.image.npo_guidance.npo_guided_sample`: with no NPO LoRA it IS plain CFG).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mm_align.config import option
+
+__all__ = ["SamplerConfig", "load_pipeline", "sample_images", "resolve_device"]
+
+
+@dataclass
+class SamplerConfig:
+    """How images are drawn."""
+
+    steps: int = option(25, help="Sampler steps (DDIM).")
+    guidance_scale: float = option(7.5, help="Classifier-free guidance weight w.")
+    negative_prompt: str = option("", help="The prompt of the negative (unconditional) branch.")
+    batch_size: int = option(16, help="Images per UNet batch.")
+    resolution: int | None = option(None, help="Image side in pixels; None = the model's own.")
+    device: str = option("auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: str = option("float32", help="float32, float16 or bfloat16 for the whole pipeline.")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_pipeline(pretrained: str, lora: str | None = None, npo_lora: str | None = None,
+                  cfg: SamplerConfig | None = None) -> Any:
+    """A diffusers pipeline from a directory or hub id, with a DDIM scheduler and optional LoRA.
+
+    ``lora`` (an aligned model's LoRA) is FUSED into the UNet; ``npo_lora`` is loaded as a LoRA
+    adapter that the negative-guidance sampler enables for the negative branch only. Both directories
+    hold diffusers-format LoRA files (what ``mm-align train`` writes to ``final/``).
+    """
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    cfg = cfg or SamplerConfig()
+    pipe = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=getattr(torch, cfg.dtype))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if lora:
+        pipe.load_lora_weights(lora, adapter_name="aligned")
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    if npo_lora:
+        pipe.load_lora_weights(npo_lora, adapter_name="npo")
+    pipe.to(resolve_device(cfg.device))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: SamplerConfig | None = None,
+                  progress: Callable[[int], Any] | None = None) -> list[Image.Image]:
+    """One image per (prompt, seed), drawn in batches of ``cfg.batch_size``; PIL RGB images.
+
+    With an NPO LoRA loaded (``load_pipeline(npo_lora=...)``) the negative-preference guidance sampler
+    is used; otherwise the pipeline's own CFG call.
+    """
+    from mm_align.image.npo_guidance import npo_guided_sample
+
+    from mm_align.lora import has_lora
+
+    cfg = cfg or SamplerConfig()
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    side = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    npo = has_lora(pipe.unet)
+    out: list[Image.Image] = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = list(prompts[start : start + cfg.batch_size])
+        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[start : start + cfg.batch_size]]
+        if npo:
+            images = npo_guided_sample(pipe, batch, cfg.negative_prompt, cfg.steps, cfg.guidance_scale, gens,
+                                       side, side)
+        else:
+            images = pipe(batch, negative_prompt=[cfg.negative_prompt] * len(batch), num_inference_steps=cfg.steps,
+                          guidance_scale=cfg.guidance_scale, generator=gens, height=side, width=side, eta=0.0,
+                          output_type="pt").images
+        arrays = (images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+        out.extend(Image.fromarray(a) for a in arrays)
+        if progress is not None:
+            progress(len(batch))
+    return out
