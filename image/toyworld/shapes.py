@@ -8,8 +8,8 @@ and a held-out split of prompts never trained on (every colour, shape and backgr
 in training; only the combinations are new).
 
 The oracle: the background colour is the palette colour nearest to the median border pixel; the
-foreground is every pixel far from it. ``colour`` = the fraction of foreground pixels whose nearest
-palette colour is the prompted one; ``background`` = the fraction of border pixels nearest to the
+foreground is every pixel far from it. ``colour`` = the fraction of foreground pixels (eroded by one
+pixel, away from anti-aliased edges) whose nearest palette colour is the prompted one; ``background`` = the fraction of border pixels nearest to the
 prompted background; ``shape`` = IoU of the foreground with the prompted shape drawn in the
 foreground's bounding box, divided by the best IoU over all shapes (1 when the prompted shape fits
 best). An attribute counts as correct when its score is > 0.5 (shape: when it is the best fit).
@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "COLOURS", "SHAPES", "BACKGROUNDS", "ShapeSpec", "all_specs", "split_specs", "parse_prompt", "render",
-    "oracle_scores", "OracleScores",
+    "oracle_scores", "OracleScores", "ShapesOracle",
 ]
 
 COLOURS: dict[str, tuple[int, int, int]] = {  # shape colours, well apart in RGB
@@ -188,7 +188,12 @@ def oracle_scores(image: Image.Image, prompt: str | ShapeSpec) -> OracleScores:
     far = np.sqrt(((array - seen_bg) ** 2).sum(-1)) > 60.0  # (h, w) foreground mask
     if far.sum() < 4:
         return OracleScores(0.0, 0.0, background, False)
-    fg_labels = _nearest(array[far], names)
+    core = far.copy()  # the mask eroded by one pixel: anti-aliased edges mix the two colours
+    core[1:] &= far[:-1]
+    core[:-1] &= far[1:]
+    core[:, 1:] &= far[:, :-1]
+    core[:, :-1] &= far[:, 1:]
+    fg_labels = _nearest(array[core if core.sum() >= 4 else far], names)
     colour = float((fg_labels == names.index(spec.colour)).mean())
     ys, xs = np.nonzero(far)
     box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
@@ -200,3 +205,19 @@ def oracle_scores(image: Image.Image, prompt: str | ShapeSpec) -> OracleScores:
     best = max(ious.values())
     shape_score = ious[spec.shape] / best if best > 0 else 0.0
     return OracleScores(colour, shape_score, background, max(ious, key=ious.get) == spec.shape)
+
+
+class ShapesOracle:
+    """The oracle as an evaluator (``score(images, prompts)`` → the mean of its three scores per image).
+
+    For benchmarks only: preference data for training is labelled by learned scorers, never by it.
+    """
+
+    name = "shapes_oracle"
+    higher_is_better = True
+
+    def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        return np.array([oracle_scores(i, p).mean for i, p in zip(images, prompts)], dtype=np.float64)
+
+    def details(self, images: list[Image.Image], prompts: list[str]) -> list[OracleScores]:
+        return [oracle_scores(i, p) for i, p in zip(images, prompts)]
