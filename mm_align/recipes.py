@@ -25,6 +25,7 @@ ADAPTERS: dict[str, str] = {
 
 # (command, modality) -> "module:function(argv) -> exit code". Absent = not implemented yet.
 MODALITY_COMMANDS: dict[tuple[str, str], str] = {
+    ("generate", "image"): "mm_align.image.generate:generate_main",
     ("evaluate", "image"): "mm_align.image.evaluators:evaluate_main",
     ("convert", "image"): "mm_align.image.converters:convert_main",
 }
