@@ -69,9 +69,9 @@ def _images(specs, n: int, rng: random.Random) -> tuple[torch.Tensor, list[str]]
 
 
 def train(out: Path, unet_steps: int = 3000, vae_steps: int = 800, batch: int = 64, seed: int = 0,
-          log=print) -> dict:
+          log=print, snapshot_every: int = 0) -> dict:
     """Train and save the pipeline to ``out``; returns a summary (losses, times, sizes)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -144,18 +144,13 @@ def train(out: Path, unet_steps: int = 3000, vae_steps: int = 800, batch: int = 
         unet_losses.append(loss.item())
         if step % 100 == 0 or step == unet_steps - 1:
             log(f"unet step {step}: loss {np.mean(unet_losses[-100:]):.4f} ({time.time() - started:.0f} s)")
+        if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < unet_steps:
+            # the schedule is constant after warm-up, so a run with --unet-steps step+1 writes these weights
+            _save(out.parent / f"{out.name}-step{step + 1}", vae, text_encoder, tokenizer, unet, scheduler)
+            unet.train()
+            text_encoder.train()
 
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    tmp = out.parent / f".{out.name}.tmp"
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    _save(out, vae, text_encoder, tokenizer, unet, scheduler)
     summary = {
         "vae_final_loss": float(np.mean(vae_losses[-100:])),
         "unet_final_loss": float(np.mean(unet_losses[-100:])),
@@ -170,6 +165,24 @@ def train(out: Path, unet_steps: int = 3000, vae_steps: int = 800, batch: int = 
     return summary
 
 
+def _save(out: Path, vae, text_encoder, tokenizer, unet, scheduler) -> None:
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights" / "shapes-sd"))
@@ -178,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--snapshot-every", type=int, default=0, help="also save <out>-stepN every N UNet steps")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(json.dumps(train(Path(args.out), args.unet_steps, args.vae_steps, args.batch, args.seed), indent=2))
+    print(json.dumps(train(Path(args.out), args.unet_steps, args.vae_steps, args.batch, args.seed,
+                                snapshot_every=args.snapshot_every), indent=2))
     return 0
 
 
