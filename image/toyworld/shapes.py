@@ -10,9 +10,10 @@ in training; only the combinations are new).
 The oracle: the background colour is the palette colour nearest to the median border pixel; the
 foreground is every pixel far from it. ``colour`` = the fraction of foreground pixels (eroded by one
 pixel, away from anti-aliased edges) whose nearest palette colour is the prompted one;
-``background`` = the fraction of border pixels nearest to the prompted background; ``shape`` = IoU of the foreground with the prompted shape drawn in the
-foreground's bounding box, divided by the best IoU over all shapes (1 when the prompted shape fits
-best). An attribute counts as correct when its score is > 0.5 (shape: when it is the best fit).
+``background`` = the fraction of border pixels nearest to the prompted background; ``shape`` = IoU
+of the foreground with the prompted shape drawn in the foreground's bounding box, divided by the
+best IoU over all shapes (1 when the prompted shape fits best). An attribute counts as correct when
+its score is > 0.5 (shape: when it is the best fit).
 """
 
 from __future__ import annotations
