@@ -27,6 +27,7 @@ ADAPTERS: dict[str, str] = {
 MODALITY_COMMANDS: dict[tuple[str, str], str] = {
     ("generate", "image"): "mm_align.image.generate:generate_main",
     ("evaluate", "image"): "mm_align.image.evaluators:evaluate_main",
+    ("bench", "image"): "mm_align.image.bench:bench_main",
     ("convert", "image"): "mm_align.image.converters:convert_main",
 }
 
