@@ -303,7 +303,7 @@ def read_pair_folders(path: str | Path, strict: bool = False, kind: str = "paire
       stem. Other keys go into ``record.meta``. Rows are the lines of ``prompts.jsonl`` (``source`` is
       that file, ``row`` its 0-based line); then every image whose id has no row is skipped as
       ``"no prompt"`` with ``source`` = its ``chosen/`` or ``rejected/`` folder and ``row`` = its index in
-      that folder's sorted listing.
+      that folder's listing in natural order.
 
     Records are ``PreferencePair(prompt, chosen=<absolute path>, rejected=<absolute path>, id)``.
 
@@ -318,7 +318,7 @@ def read_pair_folders(path: str | Path, strict: bool = False, kind: str = "paire
         strict: Raise :class:`DataError` at the first bad entry (naming the folder or file and row).
         kind: Must be ``"paired"``.
         **options: ``check_images`` (bool, default False): fully decode every image and skip pairs with
-            a corrupt one (slower; ``mm-align doctor --modality image`` finds them too).
+            a corrupt one (slower; :func:`convert` always does).
 
     Returns:
         :class:`ReadResult`: the pairs, the skipped entries, and the source.
