@@ -267,25 +267,6 @@ def _image_problem(chosen: Any, rejected: Any) -> str | None:
     return None
 
 
-def _collect(path: str | Path, rows: Iterable[RawRow], parse: Any, strict: bool) -> ReadResult:
-    """The skip-and-count loop of :func:`mm_align.data.io.read_rows`, over rows that are not a core format."""
-    records: list[PreferencePair] = []
-    skipped: list[SkippedRow] = []
-    for raw in rows:
-        result = parse(raw.data) if raw.data is not None else raw.error
-        if isinstance(result, str):
-            if strict:
-                raise DataError(f"{raw.where()}: {result}")
-            skipped.append(SkippedRow(raw.source, raw.row, result))
-        else:
-            records.append(result)
-    out = ReadResult(records, skipped, str(path))
-    if skipped:
-        counts = ", ".join(f"{reason}: {n}" for reason, n in out.skipped_by_reason().items())
-        logger.warning("%s: kept %d rows, skipped %d bad rows (%s)", path, len(records), len(skipped), counts)
-    return out
-
-
 def read_pair_folders(path: str | Path, strict: bool = False, kind: str = "paired", **options: Any) -> ReadResult:
     """Read image pair folders (the adapter data format ``pair_folders``).
 
@@ -345,7 +326,7 @@ def read_pair_folders(path: str | Path, strict: bool = False, kind: str = "paire
             return _image_problem(record.chosen, record.rejected) or record
         return record
 
-    return _collect(path, iter_pair_folder_rows(path), parse, strict)
+    return read_rows(path, parse, strict=strict, rows=iter_pair_folder_rows(path))
 
 
 # ---- reading any image-pair source ---------------------------------------------------------------

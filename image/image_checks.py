@@ -40,6 +40,7 @@ from PIL import Image
 from mm_align.data import PreferencePair, RecordCheck, UnpairedSample
 
 __all__ = [
+    "image_doctor",
     "IMAGE_CHECKS",
     "IMAGE_EXTENSIONS",
     "MAX_ASPECT",
@@ -228,3 +229,28 @@ def image_checks(min_side: int = MIN_SIDE, max_aspect: float = MAX_ASPECT) -> li
 
 IMAGE_CHECKS: list[RecordCheck] = image_checks()
 """The default image checks (min side 64 px, aspect at most 4), loaded by ``mm-align doctor --modality image``."""
+
+
+def image_doctor(path: str | Path, format: str = "auto", kind: str = "paired") -> Any:
+    """``mm-align doctor --modality image``: the core doctor with the image checks, on any image source.
+
+    Pick-a-Pic data (a ``jpg_0`` column) is parsed by the Pick-a-Pic row parser, pair folders by the
+    pair-folder walker; other data goes through the core formats. ``format`` may also name
+    ``pickapic`` or ``pair_folders`` directly.
+    """
+    from mm_align.image.converters import detect_image_format, iter_pair_folder_rows
+    from mm_align.image.pickapic import pickapic_row
+
+    from mm_align.data import DataError, doctor
+
+    fmt = format
+    if format == "auto":
+        try:
+            fmt = detect_image_format(path)
+        except DataError:
+            fmt = "auto"  # let the core doctor report what it cannot read
+    if fmt == "pickapic":
+        return doctor(path, "auto", kind, checks=IMAGE_CHECKS, parse=pickapic_row)
+    if fmt == "pair_folders":
+        return doctor(path, "auto", kind, checks=IMAGE_CHECKS, rows=iter_pair_folder_rows)
+    return doctor(path, "auto" if fmt == "jsonl" else fmt, kind, checks=IMAGE_CHECKS)

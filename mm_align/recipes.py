@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "ADAPTERS", "MODALITY_COMMANDS", "MODALITY_CHECKS", "modality_doctor", "load_object", "build_adapter",
+    "ADAPTERS", "MODALITY_COMMANDS", "MODALITY_DOCTORS", "modality_doctor", "load_object", "build_adapter",
     "shipped_configs", "resolve_config_path",
 ]
 
@@ -31,9 +31,10 @@ MODALITY_COMMANDS: dict[tuple[str, str], str] = {
     ("convert", "image"): "mm_align.image.converters:convert_main",
 }
 
-# modality -> "module:attribute", a list of doctor RecordChecks (`mm-align doctor --modality M`).
-MODALITY_CHECKS: dict[str, str] = {
-    "image": "mm_align.image.image_checks:IMAGE_CHECKS",
+# modality -> "module:function(path, format=, kind=) -> DoctorReport" (`mm-align doctor --modality M`):
+# the core doctor with the modality's record checks and its own formats.
+MODALITY_DOCTORS: dict[str, str] = {
+    "image": "mm_align.image.image_checks:image_doctor",
 }
 
 MODALITIES = ("image", "video", "vlm", "speech")
@@ -45,18 +46,16 @@ def load_object(spec: str) -> Any:
 
 
 def modality_doctor(modality: str | None) -> Any:
-    """``doctor(path, format=, kind=)`` with the modality's own record checks added (none for ``None``)."""
-    import functools
-
+    """``doctor(path, format=, kind=)``, with the modality's own checks and formats (the core one for ``None``)."""
     from mm_align.data import doctor
 
     if modality is None:
         return doctor
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality '{modality}'; valid: {', '.join(MODALITIES)}")
-    if modality not in MODALITY_CHECKS:
+    if modality not in MODALITY_DOCTORS:
         return doctor
-    return functools.partial(doctor, checks=tuple(load_object(MODALITY_CHECKS[modality])))
+    return load_object(MODALITY_DOCTORS[modality])
 
 
 def build_adapter(name: str, model_config: dict[str, Any]) -> Any:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mm_align.data.io import iter_source_rows, row_to_record
+from mm_align.data.io import RawRow, iter_source_rows, row_to_record
 from mm_align.data.records import ColumnMap, DataError, PreferencePair, UnpairedSample
 
 __all__ = ["Finding", "DoctorReport", "RecordCheck", "doctor", "check_referenced_files", "FILE_EXTENSIONS"]
@@ -176,6 +176,8 @@ def doctor(
     kind: Literal["paired", "unpaired"] = "paired",
     columns: ColumnMap | None = None,
     checks: Sequence[RecordCheck] = (),
+    rows: Callable[[Path], Iterable[RawRow]] | None = None,
+    parse: Callable[[dict[str, Any]], PreferencePair | UnpairedSample | str] | None = None,
 ) -> DoctorReport:
     """Validate a preference dataset and report every problem found (see the module docstring).
 
@@ -189,6 +191,9 @@ def doctor(
         columns: The source column names.
         checks: Extra per-record checks (``(record, base_dir) -> problems``), each reported under the
             function's name.
+        rows: The rows of a source a modality reads itself (e.g. pair folders) instead of the core formats'.
+        parse: ``row -> record | skip reason`` for a modality's row schema (e.g. Pick-a-Pic) instead of the
+            core column mapping.
 
     Returns:
         :class:`DoctorReport`: ``report.ok`` is ``False`` when any error-severity check fired.
@@ -204,12 +209,15 @@ def doctor(
     base_dir = p if p.is_dir() else p.parent
     seen: dict[str, str] = {}
     try:
-        for raw in iter_source_rows(p, format):
+        for raw in rows(p) if rows is not None else iter_source_rows(p, format):
             report.rows += 1
             where = f"{Path(raw.source).name}:{raw.row}"
             if raw.file_row != raw.row:
                 where += f" (shard row {raw.file_row})"
-            record = row_to_record(raw.data, kind, cols) if raw.data is not None else raw.error
+            if raw.data is None:
+                record = raw.error
+            else:
+                record = parse(raw.data) if parse is not None else row_to_record(raw.data, kind, cols)
             if isinstance(record, str):
                 category = record.split(":", 1)[0].strip()
                 report.add(category.replace(" ", "_"), f"{where}: {record}")

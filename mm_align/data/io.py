@@ -368,15 +368,18 @@ def read_rows(
     parse: Callable[[dict[str, Any]], Any],
     format: str = "auto",
     strict: bool = False,
+    rows: Iterable[RawRow] | None = None,
 ) -> ReadResult:
     """Read any row schema with ``parse(row) -> record | skip reason``, skipping and counting bad rows.
 
-    The one skip-and-count loop behind :func:`read_preferences` and the modality readers (Pick-a-Pic);
-    ``strict`` raises :class:`DataError` naming the file, row and reason at the first bad row.
+    The one skip-and-count loop behind :func:`read_preferences` and the modality readers (Pick-a-Pic,
+    pair folders); ``strict`` raises :class:`DataError` naming the file, row and reason at the first bad
+    row. ``rows`` replaces the core formats' rows (:func:`iter_source_rows`) for a source a modality
+    lists itself (e.g. a directory of pair folders).
     """
     records: list[Any] = []
     skipped: list[SkippedRow] = []
-    for raw in iter_source_rows(path, format):
+    for raw in rows if rows is not None else iter_source_rows(path, format):
         result = parse(raw.data) if raw.data is not None else raw.error
         if isinstance(result, str):
             if strict:

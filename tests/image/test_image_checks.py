@@ -141,3 +141,30 @@ def test_a_rewritten_file_is_decoded_again(tmp_path):
     assert len(tiny_image(pair, tmp_path)) == 2
     _save(tmp_path / "x.png", _image(96, 64))
     assert tiny_image(pair, tmp_path) == []
+
+
+def test_image_doctor_reads_pickapic_and_pair_folders(tmp_path, capsys):
+    """`mm-align doctor --modality image` on a Pick-a-Pic parquet and on pair folders, not only jsonl."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mm_align.cli import main
+
+    good, tiny = _bytes(_image(96, 96, 1)), _bytes(_image(16, 16, 2))
+    truncated = _bytes(_image(96, 96, 3), "JPEG")
+    table = pa.table({"caption": ["a cat", "a dog", "a fox"], "jpg_0": [good, tiny, truncated[:200]],
+                      "jpg_1": [_bytes(_image(96, 96, 4))] * 3, "label_0": [1.0, 0.0, 1.0],
+                      "label_1": [0.0, 1.0, 0.0]})
+    pq.write_table(table, tmp_path / "pap.parquet")
+    assert main(["doctor", str(tmp_path / "pap.parquet"), "--modality", "image"]) == 1
+    out = capsys.readouterr().out
+    assert "tiny_image" in out and "corrupt" in out and "3 rows, 1 valid" in out
+    folders = tmp_path / "pairs"
+    for i, (c, r) in enumerate([(good, _bytes(_image(96, 96, 5))), (tiny, good)]):
+        (folders / str(i)).mkdir(parents=True)
+        (folders / str(i) / "prompt.txt").write_text(f"prompt {i}\n")
+        (folders / str(i) / "chosen.png").write_bytes(c)
+        (folders / str(i) / "rejected.png").write_bytes(r)
+    assert main(["doctor", str(folders), "--modality", "image"]) == 1
+    out = capsys.readouterr().out
+    assert "tiny_image" in out and "2 rows, 1 valid" in out
