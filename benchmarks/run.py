@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = {"loop_overhead": "loop_overhead"}
+BENCHMARKS = {"loop_overhead": "loop_overhead", "image_step": "image_step"}
 
 
 def main(argv: list[str] | None = None) -> int:

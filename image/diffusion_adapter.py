@@ -54,7 +54,8 @@ __all__ = ["DiffusionModelConfig", "StableDiffusionAdapter", "load_image", "imag
 class DiffusionModelConfig:
     """Which diffusers model to align, and how to feed it."""
 
-    pretrained: str = option("", help="A diffusers model directory or hub id (SD1.5 layout: unet/ vae/ ...).")
+    pretrained: str = option("", help="A diffusers model directory or hub id (SD1.5 layout: unet/ vae/ ...); "
+                                      "'shapes' = the shipped shapes-world model.")
     resolution: int = option(512, help="Images are resized (shorter side) and centre-cropped to this size.")
     gradient_checkpointing: bool = option(False, help="Recompute UNet activations in backward to save memory.")
     revision: str | None = option(None, help="Hub revision of the model.")
@@ -134,6 +135,10 @@ class StableDiffusionAdapter:
         self.config = config
         kw = {"revision": config.revision} if config.revision else {}
         src = config.pretrained
+        if src == "shapes":  # the shipped shapes-world model
+            from mm_align.image.toyworld.shapes import shapes_sd_dir
+
+            src = str(shapes_sd_dir())
         self.model: nn.Module = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
         dtype = getattr(torch, config.encoder_dtype)  # the frozen encoders only; the UNet stays float32 (autocast)
         self.vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw)

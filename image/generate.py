@@ -271,5 +271,7 @@ def generate_main(argv: list[str]) -> int:
 def resolve_model(name: str) -> str:
     """``shapes`` → the shipped shapes-world model directory; anything else unchanged."""
     if name == "shapes":
-        return str(Path(__file__).resolve().parent / "toyworld" / "weights" / "shapes-sd")
+        from mm_align.image.toyworld.shapes import shapes_sd_dir
+
+        return str(shapes_sd_dir())
     return name

@@ -4,7 +4,7 @@
     mm-align generate|evaluate|bench|convert MODALITY [args ...]
     mm-align doctor DATA [--format F] [--kind paired|unpaired] [--modality M]
     mm-align report RUN_DIR
-    mm-align quickstart [--output-dir DIR]
+    mm-align quickstart [--output-dir DIR] [--world shapes|synthetic] [--steps N]
     mm-align ls [losses|adapters|configs]
 
 Every command also runs as ``accelerate launch -m mm_align.cli COMMAND ...``.
@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="the embedded default, end to end, with a report")
     q.add_argument("--output-dir", default="runs/quickstart")
-    q.add_argument("--steps", type=int, default=800)
+    q.add_argument("--world", choices=("shapes", "synthetic"), default="synthetic",
+                   help="shapes: text-to-image on the shapes world; synthetic: the core toy world")
+    q.add_argument("--steps", type=int, default=None, help="training steps (default: the world's own)")
 
     ls = sub.add_parser("ls", help="list losses, adapters and shipped configs")
     ls.add_argument("what", nargs="?", choices=("losses", "adapters", "configs"), default=None)
@@ -160,10 +162,12 @@ def cmd_report(run_dir: str, output: str | None) -> int:
     return 0
 
 
-def cmd_quickstart(output_dir: str, steps: int) -> int:
-    from mm_align.quickstart import run_quickstart
+def cmd_quickstart(output_dir: str, steps: int | None, world: str = "shapes") -> int:
+    from mm_align.recipes import QUICKSTARTS, load_object
 
-    print(f"report: {run_quickstart(Path(output_dir), steps=steps)}")
+    kwargs = {} if steps is None else {"steps": steps}
+    report = load_object(QUICKSTARTS[world])(Path(output_dir), **kwargs)
+    print(f"report: {report}")
     return 0
 
 
@@ -179,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return cmd_report(args.run_dir, args.output)
         if args.command == "quickstart":
-            return cmd_quickstart(args.output_dir, args.steps)
+            return cmd_quickstart(args.output_dir, args.steps, args.world)
         return cmd_ls(args.what)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError and DataError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "ADAPTERS", "MODALITY_COMMANDS", "MODALITY_DOCTORS", "modality_doctor", "load_object", "build_adapter",
+    "ADAPTERS", "MODALITY_COMMANDS", "MODALITY_DOCTORS", "QUICKSTARTS", "modality_doctor", "load_object",
+    "build_adapter",
     "shipped_configs", "resolve_config_path",
 ]
 
@@ -29,6 +30,12 @@ MODALITY_COMMANDS: dict[tuple[str, str], str] = {
     ("evaluate", "image"): "mm_align.image.evaluators:evaluate_main",
     ("bench", "image"): "mm_align.image.bench:bench_main",
     ("convert", "image"): "mm_align.image.converters:convert_main",
+}
+
+# `mm-align quickstart --world W` -> "module:function(output_dir, steps=...) -> report path"
+QUICKSTARTS: dict[str, str] = {
+    "shapes": "mm_align.image.quickstart:run_shapes_quickstart",
+    "synthetic": "mm_align.quickstart:run_quickstart",
 }
 
 # modality -> "module:function(path, format=, kind=) -> DoctorReport" (`mm-align doctor --modality M`):

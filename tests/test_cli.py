@@ -115,7 +115,7 @@ def test_command_list_is_explicit():
 
 
 def test_quickstart_end_to_end(tmp_path, capsys):
-    assert main(["quickstart", "--output-dir", str(tmp_path / "qs"), "--steps", "150"]) == 0
+    assert main(["quickstart", "--world", "synthetic", "--output-dir", str(tmp_path / "qs"), "--steps", "150"]) == 0
     out = capsys.readouterr().out
     report = tmp_path / "qs" / "run" / "report.html"
     assert str(report) in out and report.is_file()

@@ -22,14 +22,35 @@ import random
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
     "COLOURS", "SHAPES", "BACKGROUNDS", "ShapeSpec", "all_specs", "split_specs", "parse_prompt", "render",
-    "oracle_scores", "OracleScores", "ShapesOracle",
+    "oracle_scores", "OracleScores", "ShapesOracle", "WEIGHTS_DIR", "shapes_sd_dir", "shapes_clip_dir",
 ]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def _shipped(name: str, script: str) -> Path:
+    path = WEIGHTS_DIR / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: the shapes world's {name} weights are not there; rebuild them with "
+                                f"python -m mm_align.image.toyworld.{script}")
+    return path
+
+
+def shapes_sd_dir() -> Path:
+    """The shipped shapes-world text-to-image model (a diffusers SD1.5-type pipeline directory)."""
+    return _shipped("shapes-sd", "train_shapes_sd")
+
+
+def shapes_clip_dir() -> Path:
+    """The shipped shapes-world learned scorer (an open_clip local-dir model)."""
+    return _shipped("shapes-clip", "train_shapes_clip")
 
 COLOURS: dict[str, tuple[int, int, int]] = {  # shape colours, well apart in RGB
     "red": (220, 30, 30),
