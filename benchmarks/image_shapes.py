@@ -75,7 +75,8 @@ def train_method(name: str, model: str, data: dict[str, Path], out: Path, seed: 
     loss, beta, lr, steps, source = METHODS[name]
     overrides = [f"model.pretrained={model}", f"data.train={data[source]}", f"train.output_dir={out}",
                  f"train.loss=[{loss}]", f"train.beta={beta}", f"train.learning_rate={lr}", f"train.max_steps={steps}",
-                 f"train.seed={seed}", f"train.checkpointing_steps={steps}"]
+                 f"train.seed={seed}", f"train.checkpointing_steps={steps}",
+                 f"model.precompute_dir={out.parent / 'latent_cache'}"]
     if source == "kto":
         overrides.append("data.format=auto")
     if source == "captions":

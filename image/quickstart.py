@@ -81,6 +81,7 @@ def run_shapes_quickstart(output_dir: Path, steps: int | None = None, cfg: Shape
     code = cmd_train(str(resolve_config_path("shapes_diffusion_dpo")), [
         f"model.pretrained={model}", f"data.train={output_dir / 'generate' / 'pairs.parquet'}",
         f"train.output_dir={run_dir}", f"train.max_steps={cfg.steps}", f"train.seed={cfg.seed}",
+        f"model.precompute_dir={output_dir / 'latent_cache'}",
     ])
     if code:
         raise RuntimeError(f"training failed (exit code {code})")

@@ -11,9 +11,9 @@ Three stages, all on images drawn by the world's renderer for the TRAINING promp
 3. a ``UNet2DConditionModel`` and a small ``CLIPTextModel`` trained jointly with the DDPM ε-loss,
    the caption dropped 10% of the time so classifier-free guidance works.
 
-The model is deliberately undertrained (1,500 UNet steps, about 40 minutes on 2 CPU cores): on held-out prompts it often gets the
-colour or the shape wrong, which leaves preference methods something to fix. The pipeline is saved
-with ``save_pretrained`` (float32 safetensors, about 17 MB).
+The model is deliberately undertrained (1,500 UNet steps, about 40 minutes on 2 CPU cores): on
+held-out prompts it often gets the colour or the shape wrong, which leaves preference methods
+something to fix. The pipeline is saved with ``save_pretrained`` (float32 safetensors, about 17 MB).
 """
 
 from __future__ import annotations
