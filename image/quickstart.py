@@ -33,6 +33,7 @@ class ShapesQuickstart:
     train_prompts: int | None = option(None, help="Use only the first N training prompts (None: all 200).")
     heldout_prompts: int | None = option(None, help="Bench on the first N held-out prompts (None: all 200).")
     steps: int = option(300, help="Diffusion-DPO optimizer steps.")
+    batch_size: int = option(16, help="Pairs per optimizer step.")
     sampler_steps: int = option(20, help="DDIM steps for generation and the bench.")
     guidance_scale: float = option(5.0, help="Classifier-free guidance weight.")
     seed: int = option(0, help="Seed of sampling and training.")
@@ -81,7 +82,7 @@ def run_shapes_quickstart(output_dir: Path, steps: int | None = None, cfg: Shape
     code = cmd_train(str(resolve_config_path("shapes_diffusion_dpo")), [
         f"model.pretrained={model}", f"data.train={output_dir / 'generate' / 'pairs.parquet'}",
         f"train.output_dir={run_dir}", f"train.max_steps={cfg.steps}", f"train.seed={cfg.seed}",
-        f"model.precompute_dir={output_dir / 'latent_cache'}",
+        f"model.precompute_dir={output_dir / 'latent_cache'}", f"train.batch_size={cfg.batch_size}",
     ])
     if code:
         raise RuntimeError(f"training failed (exit code {code})")
