@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="the embedded default, end to end, with a report")
     q.add_argument("--output-dir", default="runs/quickstart")
-    q.add_argument("--world", choices=("shapes", "synthetic"), default="synthetic",
+    q.add_argument("--world", choices=("shapes", "synthetic"), default="shapes",
                    help="shapes: text-to-image on the shapes world; synthetic: the core toy world")
     q.add_argument("--steps", type=int, default=None, help="training steps (default: the world's own)")
 
