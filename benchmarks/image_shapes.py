@@ -35,11 +35,11 @@ SAMPLES = 8  # images per training prompt
 SAMPLER = {"steps": 20, "guidance_scale": 5.0}
 # method -> (loss, β, learning rate, steps, data: "pairs" | "kto" | "captions"); shared: LoRA r 8, batch 16
 METHODS: dict[str, tuple[str, float, float, int, str]] = {
-    "diffusion_dpo": ("diffusion_dpo", 2000.0, 1e-3, 300, "pairs"),
-    "mapo": ("mapo", 0.1, 1e-3, 300, "pairs"),
-    "diffusion_kto": ("diffusion_kto", 1000.0, 1e-3, 300, "kto"),
-    "npo": ("npo", 2000.0, 1e-3, 300, "pairs"),
-    "tdpo": ("diffusion_dpo", 2000.0, 1e-3, 300, "captions"),
+    "diffusion_dpo": ("diffusion_dpo", 2000.0, 2e-4, 300, "pairs"),
+    "mapo": ("mapo", 0.1, 2e-4, 300, "pairs"),
+    "diffusion_kto": ("diffusion_kto", 1000.0, 2e-4, 300, "kto"),
+    "npo": ("npo", 2000.0, 2e-4, 300, "pairs"),
+    "tdpo": ("diffusion_dpo", 2000.0, 2e-4, 300, "captions"),
 }
 
 
