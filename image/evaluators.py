@@ -25,14 +25,14 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mm_align.image.sampling import resolve_device
 from PIL import Image
 
 from mm_align.config import ConfigError, from_dict, option
 
 __all__ = [
     "Evaluator", "ClipScoreConfig", "ClipScore", "HPSv2Config", "HPSv2", "PickScoreConfig", "PickScore",
-    "AestheticConfig", "AestheticScore", "EVALUATORS", "build_evaluator", "evaluate_main", "resolve_device",
-    "resolve_weights_file",
+    "AestheticConfig", "AestheticScore", "EVALUATORS", "build_evaluator", "evaluate_main", "resolve_weights_file",
 ]
 
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -46,13 +46,6 @@ class Evaluator(Protocol):
     higher_is_better: bool
 
     def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray: ...
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → the first CUDA device when there is one, else the CPU; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_weights_file(spec: str, default_filename: str | None = None) -> str:

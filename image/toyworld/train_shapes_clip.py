@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from mm_align.image.toyworld.shapes import BACKGROUNDS, COLOURS, SHAPES, ShapeSpec, render, split_specs
 from PIL import Image, ImageFilter
 
-__all__ = ["MODEL_CFG", "train"]
+__all__ = ["MODEL_CFG", "hard_negative", "train"]
 
 RESOLUTION = 32
 MODEL_CFG = {
@@ -47,7 +47,7 @@ def _corrupt(image: Image.Image, rng: random.Random) -> Image.Image:
     return image
 
 
-def _negative(spec: ShapeSpec, rng: random.Random) -> ShapeSpec:
+def hard_negative(spec: ShapeSpec, rng: random.Random) -> ShapeSpec:
     """The same prompt with one attribute changed (a hard negative)."""
     while True:
         which = rng.choice(("colour", "shape", "background"))
@@ -81,7 +81,7 @@ def train(out: Path, steps: int = 1500, batch: int = 96, seed: int = 0, log=prin
         images = [_corrupt(render(s, RESOLUTION, rng.randrange(2**31)), rng) for s in chosen]
         pixels = torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255 for i in images]))
         pixels = (pixels.permute(0, 3, 1, 2) - mean) / std
-        texts = [s.prompt for s in chosen] + [_negative(s, rng).prompt for s in chosen]  # B positives, B negatives
+        texts = [s.prompt for s in chosen] + [hard_negative(s, rng).prompt for s in chosen]  # B positives, B negatives
         img = F.normalize(model.encode_image(pixels), dim=-1)
         txt = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T  # (B, 2B): the hard negatives sit in the image→text rows

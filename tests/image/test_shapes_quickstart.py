@@ -10,16 +10,13 @@ from mm_align.image.evaluators import build_evaluator
 from mm_align.image.generate import parse_evaluator_arg
 from mm_align.image.quickstart import ShapesQuickstart, run_shapes_quickstart, shapes_scorer_spec
 from mm_align.image.toyworld.shapes import (
-    BACKGROUNDS,
-    COLOURS,
-    SHAPES,
     WEIGHTS_DIR,
-    ShapeSpec,
     render,
     shapes_clip_dir,
     shapes_sd_dir,
     split_specs,
 )
+from mm_align.image.toyworld.train_shapes_clip import hard_negative
 
 
 def test_shipped_weights_fit_the_budget_and_are_safetensors():
@@ -38,19 +35,7 @@ def test_learned_scorer_binds_attributes_on_heldout_renders():
     rng = random.Random(0)
     specs = split_specs("heldout")[:48]
     images = [render(s, 32, seed=i) for i, s in enumerate(specs)]
-    negatives = []
-    for s in specs:
-        while True:
-            which = rng.choice(("colour", "shape", "background"))
-            if which == "colour":
-                n = ShapeSpec(rng.choice([c for c in COLOURS if c != s.colour]), s.shape, s.background)
-            elif which == "shape":
-                n = ShapeSpec(s.colour, rng.choice([x for x in SHAPES if x != s.shape]), s.background)
-            else:
-                n = ShapeSpec(s.colour, s.shape, rng.choice([b for b in BACKGROUNDS if b != s.background]))
-            if n.colour != n.background:
-                break
-        negatives.append(n.prompt)
+    negatives = [hard_negative(s, rng).prompt for s in specs]
     true = scorer.score(images, [s.prompt for s in specs])
     false = scorer.score(images, negatives)
     assert np.mean(true > false) >= 0.8
