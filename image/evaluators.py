@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -347,6 +346,15 @@ def _sample_rows(path: Path) -> tuple[list[dict[str, Any]], Path]:
     return rows, file.parent
 
 
+def _open(image: str, base: Path) -> Image.Image:
+    from mm_align.image.diffusion_adapter import load_image
+
+    try:
+        return load_image(image, base)
+    except (OSError, ValueError) as err:  # missing file, not an image: name it before any output is written
+        raise ValueError(f"{base / image}: cannot read the image ({type(err).__name__}: {err})") from err
+
+
 def _is_samples(path: Path) -> bool:
     return (path.is_dir() and (path / "samples.jsonl").is_file() and not (path / "chosen").exists()) or (
         path.is_file() and path.suffix == ".jsonl" and "chosen" not in _first_row_keys(path))
@@ -380,7 +388,7 @@ def evaluate(path: str | Path, evaluators: list[Any], out: Path | None = None, b
     if _is_samples(path):
         rows, base = _sample_rows(path)
         for s in _batches(len(rows), batch):
-            images = [load_image(r["image"], base) for r in rows[s]]
+            images = [_open(r["image"], base) for r in rows[s]]
             prompts = [r["prompt"] for r in rows[s]]
             scores = {e.name: e.score(images, prompts) for e in evaluators}
             for j, r in enumerate(rows[s]):
@@ -413,18 +421,12 @@ def evaluate(path: str | Path, evaluators: list[Any], out: Path | None = None, b
             summary["agreement"][e.name] = {"rate": w.rate, "ci": list(w.ci), "agree": w.wins, "disagree": w.losses,
                                             "ties": w.ties}
     if out is not None:
+        from mm_align.atomic import atomic_write_text
+
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "scores.jsonl", "w") as f:
-            for r in scored:
-                f.write(json.dumps(r) + "\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+        atomic_write_text(out / "scores.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in scored))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
 
 
 def evaluate_main(argv: list[str]) -> int:
@@ -440,5 +442,5 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--batch", type=int, default=64, help="images loaded per step")
     args = p.parse_args(argv)
     summary = evaluate(args.input, build_scorers(args.evaluator), Path(args.out) if args.out else None, args.batch)
-    print(json.dumps(summary, indent=2, default=_json_default))
+    print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -245,3 +245,16 @@ def test_evaluate_samples_and_pair_agreement(clip_dir, tmp_path):
     assert 0.0 < agree["ci"][0] < 1.0
     with pytest.raises(SystemExit):
         evaluate_main([str(samples)])  # --evaluator is required
+
+
+def test_evaluate_names_an_unreadable_image_and_writes_nothing(clip_dir, tmp_path):
+    (tmp_path / "gen").mkdir()
+    row = {"prompt": PROMPTS[0], "file": "samples/gone.png"}
+    (tmp_path / "gen" / "samples.jsonl").write_text(json.dumps(row) + "\n")
+    ev = build_evaluator({"type": "clip_score", "model": f"local-dir:{clip_dir}", "device": "cpu"})
+    with pytest.raises(ValueError, match=r"samples/gone.png: cannot read the image"):
+        evaluate(tmp_path / "gen", [ev], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "gen" / "samples.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"samples.jsonl:1: malformed json"):
+        evaluate(tmp_path / "gen", [ev])
