@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,6 @@ class Size:
     gradient_checkpointing: bool = False
     lora_r: int = 8
     notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 SIZES: dict[str, Size] = {
@@ -231,7 +229,7 @@ def measure_memory(size_name: str, variant: str, device: str, steps: int = 3) ->
 
 def _memory_in_subprocess(size_name: str, variant: str, device: str) -> dict[str, float]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory", variant, "--size", size_name, "--device", device]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -134,11 +134,9 @@ class StableDiffusionAdapter:
             raise ValueError("model.pretrained must name a diffusers model directory or hub id")
         self.config = config
         kw = {"revision": config.revision} if config.revision else {}
-        src = config.pretrained
-        if src == "shapes":  # the shipped shapes-world model
-            from mm_align.image.toyworld.shapes import shapes_sd_dir
+        from mm_align.image.toyworld.shapes import resolve_model
 
-            src = str(shapes_sd_dir())
+        src = resolve_model(config.pretrained)  # "shapes" = the shipped shapes-world model
         self.model: nn.Module = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
         dtype = getattr(torch, config.encoder_dtype)  # the frozen encoders only; the UNet stays float32 (autocast)
         self.vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mm_align.image.toyworld.shapes import resolve_model
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -266,12 +267,3 @@ def generate_main(argv: list[str]) -> int:
           f"({', '.join(f'{k}: {v}' for k, v in result.discarded.items()) or 'none'})")
     print(f"pairs: {result.out / 'pairs.parquet'}  browse: {result.out / 'index.html'}")
     return 0
-
-
-def resolve_model(name: str) -> str:
-    """``shapes`` → the shipped shapes-world model directory; anything else unchanged."""
-    if name == "shapes":
-        from mm_align.image.toyworld.shapes import shapes_sd_dir
-
-        return str(shapes_sd_dir())
-    return name

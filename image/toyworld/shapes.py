@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 __all__ = [
     "COLOURS", "SHAPES", "BACKGROUNDS", "ShapeSpec", "all_specs", "split_specs", "parse_prompt", "render",
     "oracle_scores", "OracleScores", "ShapesOracle", "WEIGHTS_DIR", "shapes_sd_dir", "shapes_clip_dir",
+    "resolve_model",
 ]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -46,6 +47,11 @@ def _shipped(name: str, script: str) -> Path:
 def shapes_sd_dir() -> Path:
     """The shipped shapes-world text-to-image model (a diffusers SD1.5-type pipeline directory)."""
     return _shipped("shapes-sd", "train_shapes_sd")
+
+
+def resolve_model(name: str) -> str:
+    """``shapes`` → the shipped shapes-world model directory; any other model name or path unchanged."""
+    return str(shapes_sd_dir()) if name == "shapes" else name
 
 
 def shapes_clip_dir() -> Path:
