@@ -93,7 +93,7 @@ def bench(model: str, prompts: list[str], variants: list[Variant], evaluators: l
         for e in evaluators:
             s = scores[v.name][e.name]
             mean, low, high = mean_interval(s.tolist())
-            item: dict[str, Any] = {"mean": mean, "mean_ci": [low, high]}
+            item: dict[str, Any] = {"mean": mean, "mean_ci": [low, high], "per_prompt": s.tolist()}
             if v.name != baseline:
                 item["vs_baseline"] = win_rate(s, scores[baseline][e.name], e.higher_is_better).to_dict()
             entry["scores"][e.name] = item

@@ -437,7 +437,8 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("input", help="samples (generate output dir / jsonl of image+prompt) or pairs (Pick-a-Pic "
                                  "parquet, pair folders, jsonl pairs)")
     p.add_argument("--evaluator", action="append", required=True,
-                   help=f"type:key=value,... with type in {sorted(EVALUATORS)} or shapes_oracle (repeatable)")
+                   help=f"type:key=value,... with type in {sorted(EVALUATORS)}, shapes_oracle or "
+                        "shapes_oracle_attributes (repeatable)")
     p.add_argument("--out", help="write scores.jsonl + summary.json here")
     p.add_argument("--batch", type=int, default=64, help="images loaded per step")
     args = p.parse_args(argv)

@@ -85,7 +85,8 @@ def parse_evaluator_arg(text: str) -> dict[str, Any]:
 
 
 def build_scorers(specs: list[str]) -> list[Any]:
-    """Evaluators from ``--evaluator`` arguments: ``shapes_oracle`` or any type of :mod:`mm_align.image.evaluators`."""
+    """Evaluators from ``--evaluator`` arguments: ``shapes_oracle``, ``shapes_oracle_attributes`` or any type of
+    :mod:`mm_align.image.evaluators`."""
     out = []
     for text in specs:
         spec = parse_evaluator_arg(text)
@@ -93,6 +94,10 @@ def build_scorers(specs: list[str]) -> list[Any]:
             from mm_align.image.toyworld.shapes import ShapesOracle
 
             out.append(ShapesOracle())
+        elif spec["type"] == "shapes_oracle_attributes":
+            from mm_align.image.toyworld.shapes import ShapesOracleAttributes
+
+            out.append(ShapesOracleAttributes())
         else:
             from mm_align.image.evaluators import build_evaluator
 

@@ -3,11 +3,13 @@
 Every stage is the command a user runs, on the shipped shapes-world model:
 
 1. ``generate``: ``samples_per_prompt`` images for each TRAINING prompt, scored by the world's learned
-   scorer (the shipped tiny open_clip through the CLIP-score evaluator), best-vs-worst pairs written
-   as Pick-a-Pic parquet — the oracle never labels training data;
+   scorer (the shipped tiny open_clip through the CLIP-score evaluator), best-vs-worst pairs kept when
+   the scorer's margin exceeds ``margin`` (the scorer is noisy: its confident pairs agree with the oracle
+   far more often), written as Pick-a-Pic parquet — the oracle never labels training data;
 2. ``train``: Diffusion-DPO with LoRA through the real loop (``shapes_diffusion_dpo`` recipe);
 3. ``bench``: base vs aligned on the HELD-OUT prompts with the same seeds, scored by the oracle (the
-   ground truth) and the learned scorer; JSON, Markdown and an HTML report with grids and the curves.
+   ground truth: attributes right per image, and its continuous score) and the learned scorer; JSON,
+   Markdown and an HTML report with grids and the curves.
 
 The defaults keep the whole run within minutes on two CPU cores.
 """
@@ -22,14 +24,18 @@ from pathlib import Path
 
 from mm_align.config import option
 
-__all__ = ["ShapesQuickstart", "run_shapes_quickstart", "shapes_scorer_spec"]
+__all__ = ["LEARNED_SCORER", "ShapesQuickstart", "run_shapes_quickstart", "shapes_scorer_spec"]
+
+LEARNED_SCORER = "learned_clip"  # the evaluator name of the world's learned scorer
 
 
 @dataclass
 class ShapesQuickstart:
     """The quickstart's knobs (the defaults are what ``mm-align quickstart`` runs)."""
 
-    samples_per_prompt: int = option(4, help="Images per training prompt for the preference pairs.")
+    samples_per_prompt: int = option(8, help="Images per training prompt for the preference pairs.")
+    margin: float = option(0.10, help="A pair is kept only when the learned scorer prefers its winner by more "
+                                      "than this (best-vs-worst).")
     train_prompts: int | None = option(None, help="Use only the first N training prompts (None: all 200).")
     heldout_prompts: int | None = option(None, help="Bench on the first N held-out prompts (None: all 200).")
     steps: int = option(300, help="Diffusion-DPO optimizer steps.")
@@ -43,7 +49,7 @@ def shapes_scorer_spec() -> str:
     """The ``--evaluator`` spec of the shapes world's learned scorer (the shipped open_clip model)."""
     from mm_align.image.toyworld.shapes import shapes_clip_dir
 
-    return f"clip_score:model=local-dir:{shapes_clip_dir()},name=learned_clip,device=cpu"
+    return f"clip_score:model=local-dir:{shapes_clip_dir()},name={LEARNED_SCORER},device=cpu"
 
 
 def run_shapes_quickstart(output_dir: Path, steps: int | None = None, cfg: ShapesQuickstart | None = None,
@@ -72,7 +78,7 @@ def run_shapes_quickstart(output_dir: Path, steps: int | None = None, cfg: Shape
     log("[1/3] generate: sampling the training prompts and pairing them by the learned scorer")
     train_prompts = read_prompts("shapes:train")[: cfg.train_prompts]
     gen = generate(model, train_prompts, output_dir / "generate", build_scorers([shapes_scorer_spec()]),
-                   cfg.samples_per_prompt, cfg.seed, sampler=sampler)
+                   cfg.samples_per_prompt, cfg.seed, sampler=sampler, margins={LEARNED_SCORER: cfg.margin})
     timings["generate_s"] = time.perf_counter() - started
     log(f"      {gen.samples} images, {gen.pairs} pairs kept, discarded {gen.discarded}")
 
@@ -92,7 +98,7 @@ def run_shapes_quickstart(output_dir: Path, steps: int | None = None, cfg: Shape
     log("[3/3] bench: base vs Diffusion-DPO on the held-out prompts, same seeds")
     heldout = read_prompts("shapes:heldout")[: cfg.heldout_prompts]
     variants = [Variant("base", "base"), Variant("diffusion_dpo", "lora", str(run_dir / "final"))]
-    scorers = build_scorers(["shapes_oracle", shapes_scorer_spec()])
+    scorers = build_scorers(["shapes_oracle_attributes", "shapes_oracle", shapes_scorer_spec()])
     results = bench(model, heldout, variants, scorers, output_dir / "bench", sampler, seed=cfg.seed,
                     runs={"diffusion_dpo": str(run_dir)})
     timings["bench_s"] = time.perf_counter() - started

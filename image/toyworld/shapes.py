@@ -29,8 +29,8 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "COLOURS", "SHAPES", "BACKGROUNDS", "ShapeSpec", "all_specs", "split_specs", "parse_prompt", "render",
-    "oracle_scores", "OracleScores", "ShapesOracle", "WEIGHTS_DIR", "shapes_sd_dir", "shapes_clip_dir",
-    "resolve_model",
+    "oracle_scores", "OracleScores", "ShapesOracle", "ShapesOracleAttributes", "WEIGHTS_DIR", "shapes_sd_dir",
+    "shapes_clip_dir", "resolve_model",
 ]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -249,3 +249,19 @@ class ShapesOracle:
 
     def details(self, images: list[Image.Image], prompts: list[str]) -> list[OracleScores]:
         return [oracle_scores(i, p) for i, p in zip(images, prompts)]
+
+
+class ShapesOracleAttributes:
+    """The oracle's verdict as a judge would give it: how many of colour, shape, background are right (0–3).
+
+    Two images compare by this count, so a pair of equally right images is a tie rather than a "win"
+    decided by a few pixels of the continuous :class:`ShapesOracle` score; the bench's decisive win
+    rate over it is then a sign test on attribute errors fixed vs introduced.
+    """
+
+    name = "shapes_oracle_attributes"
+    higher_is_better = True
+
+    def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        return np.array([sum(oracle_scores(i, p).correct.values()) for i, p in zip(images, prompts)],
+                        dtype=np.float64)

@@ -43,7 +43,7 @@ def test_learned_scorer_binds_attributes_on_heldout_renders():
 
 def test_shapes_quickstart_runs_every_stage(tmp_path):
     cfg = ShapesQuickstart(samples_per_prompt=2, train_prompts=6, heldout_prompts=4, steps=3, sampler_steps=3,
-                           batch_size=2)
+                           batch_size=2, margin=0.0)
     report = run_shapes_quickstart(tmp_path, cfg=cfg, log=lambda *_: None)
     assert report == tmp_path / "bench" / "report.html" and report.is_file()
     assert (tmp_path / "generate" / "pairs.parquet").is_file()

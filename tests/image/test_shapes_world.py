@@ -18,7 +18,7 @@ from mm_align.image.toyworld.shapes import (
     render,
     split_specs,
 )
-from PIL import Image
+from PIL import Image, ImageFilter
 
 
 def test_splits_are_disjoint_fixed_and_cover_every_attribute():
@@ -80,3 +80,19 @@ def test_oracle_on_an_empty_image_and_as_an_evaluator():
     scores = ShapesOracle().score([render(s, 32, 0), blank], [s.prompt, s.prompt])
     assert scores.shape == (2,) and scores[0] == pytest.approx(oracle_scores(render(s, 32, 0), s).mean)
     assert scores[0] > scores[1]
+
+
+def test_attribute_oracle_counts_right_attributes_so_equally_right_images_tie():
+    from mm_align.image.generate import build_scorers
+
+    s = ShapeSpec("red", "circle", "white")
+    right, other_seed = render(s, 32, 0), render(s, 32, 1).filter(ImageFilter.GaussianBlur(1.2))
+    wrong_colour = render(ShapeSpec("blue", "circle", "white"), 32, 0)
+    wrong_two = render(ShapeSpec("blue", "square", "white"), 32, 0)
+    blank = Image.new("RGB", (32, 32), PALETTE["white"])
+    (judge,) = build_scorers(["shapes_oracle_attributes"])
+    assert judge.name == "shapes_oracle_attributes" and judge.higher_is_better
+    scores = judge.score([right, other_seed, wrong_colour, wrong_two, blank], [s.prompt] * 5)
+    assert scores.tolist() == [3.0, 3.0, 2.0, 1.0, 1.0]
+    continuous = ShapesOracle().score([right, other_seed], [s.prompt] * 2)
+    assert continuous[0] != continuous[1]  # the continuous score would call this pair a win for one side
