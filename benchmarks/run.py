@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import platform
 import sys
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = {"loop_overhead": "loop_overhead", "image_step": "image_step"}
+BENCHMARKS = {"loop_overhead": "loop_overhead", "image_step": "image_step", "image_shapes": "image_shapes"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,11 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", choices=sorted(BENCHMARKS))
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run; results not committed)")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--work", help="scratch directory for benchmarks that train (default: runs/bench_NAME)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(HERE))
     module = importlib.import_module(BENCHMARKS[args.name])
     started = time.time()
-    payload = module.run(quick=args.quick)
+    accepts = inspect.signature(module.run).parameters
+    kwargs = {"results_dir": Path(args.out)} if "results_dir" in accepts else {}
+    if args.work:
+        if "work" not in accepts:
+            p.error(f"--work: benchmark {args.name} has no scratch directory")
+        kwargs["work"] = Path(args.work)
+    payload = module.run(quick=args.quick, **kwargs)
     import torch
 
     payload["machine"] = {

@@ -34,7 +34,7 @@ class ShapesQuickstart:
     """The quickstart's knobs (the defaults are what ``mm-align quickstart`` runs)."""
 
     samples_per_prompt: int = option(8, help="Images per training prompt for the preference pairs.")
-    margin: float = option(0.10, help="A pair is kept only when the learned scorer prefers its winner by more "
+    margin: float = option(0.14, help="A pair is kept only when the learned scorer prefers its winner by more "
                                       "than this (best-vs-worst).")
     train_prompts: int | None = option(None, help="Use only the first N training prompts (None: all 200).")
     heldout_prompts: int | None = option(None, help="Bench on the first N held-out prompts (None: all 200).")
