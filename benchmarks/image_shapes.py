@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mm_align.image.quickstart import LEARNED_SCORER
+
 HERE = Path(__file__).resolve().parent
 SAMPLES = 8  # images per training prompt
 # The learned scorer's best-vs-worst margin a pair must clear. Measured on this benchmark's 1,600 samples
@@ -56,24 +58,18 @@ METHODS: dict[str, tuple[str, float, float, int, str]] = {
 }
 
 
-def _samples(generate_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    by_prompt: dict[str, list[dict[str, Any]]] = {}
-    for line in (generate_dir / "samples.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_prompt.setdefault(row["prompt"], []).append(row)
-    return by_prompt
-
-
 def write_unpaired(generate_dir: Path, scorer: str, margin: float) -> Path:
-    """KTO rows: each prompt's best sample desirable, its worst undesirable, where the pairs' margin holds."""
+    """KTO rows from the same rule as the pairs (the core pair builder, best-vs-worst with ``margin``):
+    each kept pair's chosen sample is desirable, its rejected one undesirable."""
+    from mm_align.data.pairs import Candidate, MetricRule, build_pairs
+
+    rows = [json.loads(line) for line in (generate_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
+    built = build_pairs([Candidate(r["prompt"], r, r["scores"]) for r in rows], [MetricRule(scorer, True, margin)],
+                        "best_vs_worst")
     kto = []
-    for prompt, rows in _samples(generate_dir).items():
-        ranked = sorted(rows, key=lambda r: r["scores"][scorer])
-        if ranked[-1]["scores"][scorer] - ranked[0]["scores"][scorer] <= margin:
-            continue  # the same prompts as the kept pairs
-        kto.append({"prompt": prompt, "completion": ranked[-1]["file"], "label": True})
-        kto.append({"prompt": prompt, "completion": ranked[0]["file"], "label": False})
+    for pair in built.pairs:
+        kto.append({"prompt": pair.group, "completion": pair.chosen.sample["file"], "label": True})
+        kto.append({"prompt": pair.group, "completion": pair.rejected.sample["file"], "label": False})
     path = generate_dir / "kto.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in kto))
     return path
@@ -199,11 +195,11 @@ def summarise(results: dict[str, Any], gen: Any, timings: dict[str, float], quic
                                        "oracle_background_accuracy")}
         entry["oracle_attributes_mean"] = v["scores"]["shapes_oracle_attributes"]["mean"]
         entry["oracle_mean"] = v["scores"]["shapes_oracle"]["mean"]
-        entry["learned_mean"] = v["scores"]["learned_clip"]["mean"]
+        entry["learned_mean"] = v["scores"][LEARNED_SCORER]["mean"]
         if name != "base":
             entry["oracle_judge_vs_base"] = v["scores"]["shapes_oracle_attributes"]["vs_baseline"]
             entry["oracle_score_vs_base"] = v["scores"]["shapes_oracle"]["vs_baseline"]
-            entry["learned_vs_base"] = v["scores"]["learned_clip"]["vs_baseline"]
+            entry["learned_vs_base"] = v["scores"][LEARNED_SCORER]["vs_baseline"]
         rows[name] = entry
     for name in ("diffusion_dpo", "mapo", "diffusion_kto", "npo_guidance"):
         low = rows[name]["oracle_score_vs_base"]["ci"][0]
