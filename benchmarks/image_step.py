@@ -17,7 +17,8 @@ Memory: each variant in a fresh subprocess; on CPU the step's own peak = peak RS
 (model, LoRA, optimizer and batch resident), on CUDA ``max_memory_allocated``.
 
     python benchmarks/run.py image_step                                  # CPU, small UNet (committed)
-    python benchmarks/image_step.py --size sdxl --device cuda --out DIR  # SDXL-size UNet on a GPU
+    python benchmarks/image_step.py --size sdxl --device cuda --warmup 6 --out benchmarks/results  # SDXL UNet, GPU
+    python benchmarks/image_step.py --size sd15 --device cuda --warmup 6 --out benchmarks/results  # SD1.5 UNet, GPU
 """
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ SIZES: dict[str, Size] = {
                   cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32),
         latent=16, pairs=2, text_len=16,
         notes="SD1.5-type UNet (64/128/256 channels, 1 layer per block), 16×16 latents (128 px), 2 pairs per step",
+    ),
+    # SD1.5's UNet config (runwayml/stable-diffusion-v1-5), random weights, 512 px
+    "sd15": Size(
+        unet=dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                  layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                        "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                  cross_attention_dim=768, attention_head_dim=8),
+        latent=64, pairs=4, bf16=True, lora_r=8,
+        notes="SD1.5 UNet (0.86 B parameters, random weights), 64×64 latents (512 px), 4 pairs per step, bf16 "
+              "autocast, LoRA r=8 on attention",
     ),
     # SDXL's UNet config (stabilityai/stable-diffusion-xl-base-1.0), random weights, 1024 px
     "sdxl": Size(
@@ -128,7 +140,8 @@ class Bench:
         cross = size.unet["cross_attention_dim"]
         pipe = _tiny_pipeline(workdir, sdxl, cross)
         self.adapter = StableDiffusionAdapter(DiffusionModelConfig(pretrained=str(pipe), resolution=8 * size.latent))
-        unet = UNet2DConditionModel(**size.unet)
+        with torch.device(device):  # random weights: initialise them where they will run (CPU init of 2.6 B is slow)
+            unet = UNet2DConditionModel(**size.unet)
         if size.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.params = sum(p.numel() for p in unet.parameters())
@@ -302,12 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--memory", choices=VARIANTS, help="(internal) print one variant's peak memory as JSON")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before timing")
     p.add_argument("--out", help="write image_step_<size>.{json,md} here")
     args = p.parse_args(argv)
     if args.memory:
         print(json.dumps(measure_memory(args.size, args.memory, args.device)))
         return 0
-    result = measure(args.size, args.device, reps=args.reps)
+    result = measure(args.size, args.device, reps=args.reps, warmup=args.warmup)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     result["device"] = device_name
     result["command"] = "python benchmarks/image_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
