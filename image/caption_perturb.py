@@ -30,11 +30,19 @@ from typing import Any
 from mm_align.config import from_dict, option
 
 __all__ = [
-    "AXES", "OBJECT_GROUPS", "Perturbation", "PerturberConfig", "RuleBasedPerturber", "CausalLMConfig",
+    "AXES", "OPERATIONS", "OBJECT_GROUPS", "Perturbation", "PerturberConfig", "RuleBasedPerturber", "CausalLMConfig",
     "CausalLMPerturber", "make_perturber", "perturb_dataset",
 ]
 
 AXES = ("objects", "attributes", "spatial", "context")
+# the edits each axis can make (a Perturbation's ``operation``)
+OPERATIONS: dict[str, tuple[str, ...]] = {
+    "objects": ("swap_object", "change_count", "add_object"),
+    "attributes": ("swap_colour", "swap_material", "swap_style"),
+    "spatial": ("swap_relation", "swap_motion"),
+    "context": ("change_time", "change_weather", "change_place", "change_setting", "change_light",
+                "change_background"),
+}
 
 # Each entry is a list of synonyms: a replacement is always drawn from ANOTHER entry.
 COLOURS = [["red"], ["orange"], ["yellow"], ["green"], ["blue"], ["purple", "violet"], ["pink"], ["brown"],
@@ -100,11 +108,19 @@ class PerturberConfig:
     axes: list[str] = option(default_factory=lambda: list(AXES), help="Axes to draw from.")
     colours: list[str] | None = option(None, help="Replace the colour list (one word per entry).")
     objects: dict[str, str] | None = option(None, help="Replace the object list: singular -> plural.")
+    operations: list[str] | None = option(
+        None, help="Only these edits (e.g. [swap_object, swap_colour]); None: every edit of the axes.")
 
     def __post_init__(self) -> None:
         bad = [a for a in self.axes if a not in AXES]
         if bad or not self.axes:
             raise ValueError(f"unknown perturbation axes {bad}; valid: {', '.join(AXES)}")
+        if self.operations is not None:
+            known = {op for a in self.axes for op in OPERATIONS[a]}
+            bad = [o for o in self.operations if o not in known]
+            if bad or not self.operations:
+                raise ValueError(f"perturbation operations {bad or '[]'} are not edits of the axes {self.axes}; "
+                                 f"valid: {', '.join(sorted(known))}")
 
 
 def _rng(rng: random.Random | int | None) -> random.Random:
@@ -229,7 +245,8 @@ class RuleBasedPerturber:
             found = self._context(caption)
         else:
             raise ValueError(f"unknown axis {axis!r}; valid: {', '.join(AXES)}")
-        return [(e, opts) for e, opts in found if opts]
+        allowed = self.config.operations
+        return [(e, opts) for e, opts in found if opts and (allowed is None or e.operation in allowed)]
 
     def perturb(self, caption: str, axis: str | None = None,
                 rng: random.Random | int | None = None) -> Perturbation | None:

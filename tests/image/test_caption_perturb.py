@@ -119,6 +119,24 @@ def test_make_perturber_specs():
         make_perturber({"type": "rule", "colour": ["red"]})  # a misspelt key is named, not ignored
 
 
+def test_operations_restrict_the_edits():
+    swaps = make_perturber({"type": "rule", "axes": ["objects", "attributes"],
+                            "operations": ["swap_object", "swap_colour"]})
+    caption = "a red circle on a blue background"
+    got = [swaps.perturb(caption, None, s) for s in range(60)]
+    assert {x.operation for x in got} == {"swap_object", "swap_colour"}  # never a count change or an added object
+    for x in got:
+        changed = [(a, b) for a, b in zip(caption.split(), x.perturbed.split()) if a != b]
+        assert len(x.perturbed.split()) == 7 and len(changed) == 1 and changed[0][0] in ("red", "circle")
+    # without the filter the objects axis also changes counts and adds objects
+    assert {"change_count", "add_object"} <= {x.operation for x in _all(caption, "objects")}
+    assert swaps.perturb("a dog and two cats", "objects", 0).operation == "swap_object"
+    with pytest.raises(ValueError, match="change_background"):  # an edit of an axis not drawn from
+        make_perturber({"type": "rule", "axes": ["objects"], "operations": ["change_background"]})
+    with pytest.raises(ValueError, match="not edits"):
+        make_perturber({"type": "rule", "operations": ["swap_colours"]})
+
+
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     """A randomly initialised GPT-2 with a word-level tokenizer, saved and loaded back by path."""
