@@ -8,12 +8,16 @@ world's learned scorer (the shipped tiny open_clip; the oracle never touches tra
 1. ``mm-align generate image`` draws ``SAMPLES`` images per TRAINING prompt; best-vs-worst pairs by
    the learned scorer, kept when its margin exceeds ``MARGIN`` (Pick-a-Pic parquet); the same kept
    prompts give KTO's unpaired data (each prompt's best desirable, its worst undesirable). TDPO gets no
-   image pairs at all: a captioned image set (the world's true images of the training prompts — its
-   stand-in for a captioned photo dataset), the mismatched caption from the rule-based perturber;
+   image pairs at all: a captioned image set (``RENDERS`` true images of each training prompt — the
+   world's stand-in for a captioned photo dataset), the mismatched caption from the rule-based perturber
+   (a swapped shape, colour or background);
 2. ``mm-align train``: Diffusion-DPO, MaPO, Diffusion-KTO, Diffusion-NPO (swapped labels) and TDPO,
    LoRA, from the ``shapes_diffusion_dpo`` recipe with each method's loss and β;
 3. ``mm-align bench image`` on the 200 HELD-OUT prompts, one seed per prompt shared by every variant:
-   each LoRA vs the base, and negative-preference guidance with the NPO LoRA vs plain CFG. Per variant:
+   each LoRA vs the base, negative-preference guidance with the NPO LoRA vs plain CFG, and the TDPO LoRA
+   both fused (``tdpo``) and on CFG's conditional branch only (``tdpo_cond``, how it is meant to be
+   sampled: TDPO never trains the unconditional prediction, and fused, CFG amplifies its side effects
+   there w-fold). Per variant:
    the oracle's win rate over the base (its score higher on a prompt; wins / N, ties for neither) with its
    Wilson 95% interval, the attribute judge's (more of colour, shape, background right; wins / (wins +
    losses), a sign test), oracle colour/shape/background accuracy, and the learned scorer's own win rate
@@ -43,18 +47,23 @@ SAMPLES = 8  # images per training prompt
 # measurable (continuous win rate 0.515), on the 82 it did (0.610).
 MARGIN = 0.14
 SAMPLER = {"steps": 20, "guidance_scale": 5.0}
+RENDERS = 10  # TDPO's captioned images per training prompt
 # method -> (loss, β, learning rate, steps, data: "pairs" | "kto" | "captions"); shared: LoRA r 8, batch 16.
 # Chosen in pilot runs (300 steps each, same data, evaluated on these same held-out prompts, so the
 # figures are tuned, not blind): DPO at lr 1e-3 drifted (both errors rose above the reference); MaPO, reference-free,
 # collapsed at lr 6e-4 (oracle accuracy 0.24) and at β_m 0.1 its SFT term dominates (win rate 0.545 at lr
 # 1e-4 and 2e-4), so it runs at β_m 1.0; KTO at β 1000 / lr 2e-4 barely moved (177 of 200 ties on the
-# attribute judge); TDPO hurt colour at lr 2e-4 (0.725 vs 0.755) and is run at 5e-5.
+# attribute judge). TDPO, fused into both CFG branches, never raised colour accuracy in 12 pilots (200 or
+# 2,000 renders, lr 5e-5 to 2e-4, TKTO: colour 0.675 to 0.765 vs 0.755); its colour-only run fell to 0.675
+# fused but reached 0.795 with the LoRA on the conditional branch only (base unconditional branch), which
+# located the damage in ε(x_t, ∅). Chosen: 2,000 renders, swap edits only, lr 2e-4 (conditional branch:
+# colour 0.790, shape 0.675; fused 0.760, 0.645).
 METHODS: dict[str, tuple[str, float, float, int, str]] = {
     "diffusion_dpo": ("diffusion_dpo", 2000.0, 2e-4, 300, "pairs"),
     "mapo": ("mapo", 1.0, 1e-4, 300, "pairs"),
     "diffusion_kto": ("diffusion_kto", 5000.0, 2e-4, 300, "kto"),
     "npo": ("npo", 2000.0, 2e-4, 300, "pairs"),
-    "tdpo": ("diffusion_dpo", 2000.0, 5e-5, 300, "captions"),
+    "tdpo": ("diffusion_dpo", 2000.0, 2e-4, 300, "captions"),
 }
 
 
@@ -75,16 +84,22 @@ def write_unpaired(generate_dir: Path, scorer: str, margin: float) -> Path:
     return path
 
 
-def write_captions(out: Path, prompts: list[str]) -> Path:
-    """TDPO's captioned images: the world's true image of each training prompt (seeded), as jsonl rows."""
+def write_captions(out: Path, prompts: list[str], renders: int = RENDERS) -> Path:
+    """TDPO's captioned images: ``renders`` true images of each training prompt (seeded positions and
+    sizes), as jsonl rows in a seeded shuffled order. With one image per prompt TDPO memorised them
+    (loss ≈ 0.06 within 300 steps)."""
+    import random
+
     from mm_align.image.toyworld.shapes import render
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, prompt in enumerate(prompts):
-        name = f"images/{i:05d}.png"
-        render(prompt, 32, seed=i).save(out / name)
-        rows.append({"caption": prompt, "image": name})
+        for k in range(renders):
+            name = f"images/{i:03d}_{k}.png"
+            render(prompt, 32, seed=1000 * k + i).save(out / name)
+            rows.append({"caption": prompt, "image": name})
+    random.Random(0).shuffle(rows)
     path = out / "captions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -92,14 +107,16 @@ def write_captions(out: Path, prompts: list[str]) -> Path:
 
 def world_perturber_options() -> str:
     """TDPO's ``data.options``: the rule-based perturber with the world's words (its colours and shapes),
-    on the axes that mean something here (object, attribute, background); the default word lists would
-    swap in words the world's tokenizer and renderer have never seen ("zebra", "hexagon", "to the left of")."""
+    making the edits that mean something here (swap the shape, the colour or the background); the
+    default word lists would swap in words the world's tokenizer and renderer have never seen ("zebra",
+    "hexagon", "to the left of"), and counts or added objects ("five red circles") are not in its grammar."""
     from mm_align.image.toyworld.shapes import PALETTE, SHAPES
 
     plural = {s: s + ("es" if s.endswith(("ss", "x")) else "s") for s in SHAPES}
     objects = ", ".join(f"{k}: {v}" for k, v in plural.items())
-    return (f"{{perturber: {{type: rule, colours: [{', '.join(PALETTE)}], objects: {{{objects}}}}}, "
-            "axes: [objects, attributes, context], seed: 0}")
+    return (f"{{perturber: {{type: rule, colours: [{', '.join(PALETTE)}], objects: {{{objects}}}, "
+            "operations: [swap_object, swap_colour, change_background]}, axes: [objects, attributes, context], "
+            "seed: 0}")
 
 
 def train_method(name: str, model: str, data: dict[str, Path], out: Path, seed: int = 0,
@@ -156,7 +173,7 @@ def run(quick: bool = False, work: Path | None = None, results_dir: Path | None 
     gen = generate(model, train_prompts, work / "generate", learned, 2 if quick else SAMPLES, 0, sampler=sampler,
                    margins={learned[0].name: margin})
     kto = write_unpaired(work / "generate", learned[0].name, margin)
-    captions = write_captions(work / "captions", train_prompts)
+    captions = write_captions(work / "captions", train_prompts, 2 if quick else RENDERS)
     timings["generate_s"] = time.perf_counter() - t0
     data = {"pairs": work / "generate" / "pairs.parquet", "kto": kto, "captions": captions}
     runs = {}
@@ -166,6 +183,7 @@ def run(quick: bool = False, work: Path | None = None, results_dir: Path | None 
         timings[f"train_{name}_s"] = time.perf_counter() - t0
     variants = [Variant("base", "base")] + [Variant(n, "lora", f"{runs[n]}/final") for n in METHODS if n != "npo"]
     variants.append(Variant("npo_guidance", "npo", f"{runs['npo']}/final"))
+    variants.append(Variant("tdpo_cond", "lora_cond", f"{runs['tdpo']}/final"))
     heldout = read_prompts("shapes:heldout")[: 8 if quick else None]
     t0 = time.perf_counter()
     judges = build_scorers(["shapes_oracle_attributes", "shapes_oracle", shapes_scorer_spec()])
@@ -205,9 +223,9 @@ def summarise(results: dict[str, Any], gen: Any, timings: dict[str, float], quic
         low = rows[name]["oracle_score_vs_base"]["ci"][0]
         checks[f"{name}: oracle win rate, 95% CI low > 0.5"] = {"value": low, "pass": low > 0.5}
     for attr in ("colour", "shape"):
-        d = rows["tdpo"][f"oracle_{attr}_accuracy"] - base[f"oracle_{attr}_accuracy"]
-        checks[f"tdpo: oracle {attr} accuracy gain > 0"] = {"value": d, "pass": d > 0}
-    baseline_of = {"npo_guidance": "plain CFG (base)"}
+        d = rows["tdpo_cond"][f"oracle_{attr}_accuracy"] - base[f"oracle_{attr}_accuracy"]
+        checks[f"tdpo (conditional branch): oracle {attr} accuracy gain > 0"] = {"value": d, "pass": d > 0}
+    baseline_of = {"npo_guidance": "plain CFG (base)", "tdpo_cond": "base (CFG)"}
     lines = [
         f"Shapes world, {results['prompts']} held-out prompts (one seed each, shared by all variants); preference "
         f"data: {gen.pairs} best-vs-worst pairs by the learned scorer from {samples} samples per training prompt "
@@ -217,7 +235,9 @@ def summarise(results: dict[str, Any], gen: Any, timings: dict[str, float], quic
         "colour, shape and background scores) is higher; rate = wins / N, ties count for neither, Wilson 95% "
         "interval. Attribute judge: the image with more of colour, shape and background right wins, equal "
         "counts tie; rate = wins / (wins + losses) (a sign test). The learned scorer's win rate is computed as "
-        "the oracle's; a learned gain without an oracle gain would be reward hacking.", "",
+        "the oracle's; a learned gain without an oracle gain would be reward hacking. `tdpo` is the TDPO "
+        "LoRA fused into the model (both CFG branches), `tdpo_cond` the same LoRA on the conditional branch "
+        "only, the unconditional branch the base model (same cost as CFG).", "",
         "| variant | vs | oracle win rate [95% CI] (W/L/T) | attribute judge [95% CI] (W–L, ties) | "
         "oracle acc (all three) | colour | shape | background | learned-scorer win rate [95% CI] |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -194,8 +194,8 @@ class Bench:
     def dpo(self) -> None:
         from mm_align.losses.registry import compute_loss
 
-        policy = self._policy()
-        self._update(compute_loss(["diffusion_dpo"], None, policy, self._reference()).loss)
+        reference = self._reference()  # first, as the trainer does: its activations are gone before the policy's
+        self._update(compute_loss(["diffusion_dpo"], None, self._policy(), reference).loss)
 
     def dpo_cached_ref(self) -> None:
         from mm_align.losses.registry import compute_loss

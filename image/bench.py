@@ -6,8 +6,10 @@
 
 Every variant draws one image per prompt with the SAME seed per prompt (:func:`image_seed`), so a
 difference is the variant's doing. A variant is ``base``, ``lora:DIR`` (an aligned LoRA fused into
-the model) or ``npo:DIR`` (negative-preference guidance with DIR's LoRA as the negative branch; two
-UNet calls per step, like plain CFG, which ``base`` uses). Reported per variant and evaluator: the
+the model), ``lora_cond:DIR`` (the LoRA on CFG's conditional branch only, the unconditional branch the
+base: how a TDPO LoRA is sampled) or ``npo:DIR`` (negative-preference guidance with DIR's LoRA as the
+negative branch); the last two cost two UNet calls per step, like plain CFG, which ``base`` uses.
+Reported per variant and evaluator: the
 mean score with a 95% interval, and the win rate over the baseline (``wins / N``, ties for neither)
 and the decisive win rate ``wins / (wins + losses)``, each with a 95% Wilson interval; with the
 shapes oracle, accuracy (all three attributes right) and per-attribute accuracy. Writes
@@ -38,18 +40,19 @@ __all__ = ["bench_main", "bench", "Variant", "parse_variant"]
 @dataclass
 class Variant:
     name: str
-    kind: str  # base | lora | npo
+    kind: str  # base | lora (fused) | lora_cond (conditional branch only) | npo
     path: str | None = None
 
 
 def parse_variant(text: str) -> Variant:
-    """``name=lora:DIR``, ``name=npo:DIR`` or ``base``."""
+    """``name=lora:DIR``, ``name=lora_cond:DIR`` (the LoRA on CFG's conditional branch only, as TDPO's
+    is meant to be sampled), ``name=npo:DIR`` or ``base``."""
     if text == "base":
         return Variant("base", "base")
     name, eq, rest = text.partition("=")
     kind, colon, path = rest.partition(":")
-    if not eq or not colon or kind not in ("lora", "npo") or not path:
-        raise ValueError(f"--variant {text!r}: expected base, NAME=lora:DIR or NAME=npo:DIR")
+    if not eq or not colon or kind not in ("lora", "lora_cond", "npo") or not path:
+        raise ValueError(f"--variant {text!r}: expected base, NAME=lora:DIR, NAME=lora_cond:DIR or NAME=npo:DIR")
     if not Path(path).exists():
         raise FileNotFoundError(f"--variant {name}: {path} does not exist")
     return Variant(name, kind, path)
@@ -59,7 +62,8 @@ def _draw(model: str, variant: Variant, prompts: list[str], seeds: list[int], sa
     from mm_align.image.sampling import load_pipeline, sample_images
 
     pipe = load_pipeline(model, lora=variant.path if variant.kind == "lora" else None,
-                         npo_lora=variant.path if variant.kind == "npo" else None, cfg=sampler)
+                         npo_lora=variant.path if variant.kind == "npo" else None, cfg=sampler,
+                         cond_lora=variant.path if variant.kind == "lora_cond" else None)
     return sample_images(pipe, prompts, seeds, sampler)
 
 
@@ -202,7 +206,8 @@ def bench_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mm-align bench image", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="diffusers model directory or hub id ('shapes' = the shipped one)")
     p.add_argument("--prompts", default="shapes:heldout")
-    p.add_argument("--variant", action="append", default=[], help="NAME=lora:DIR or NAME=npo:DIR (repeatable)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME=lora:DIR, NAME=lora_cond:DIR (conditional branch only) or NAME=npo:DIR (repeatable)")
     p.add_argument("--baseline", default="base")
     p.add_argument("--evaluator", action="append", required=True, help="type:key=value,... (repeatable)")
     p.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR: training curves for the report")

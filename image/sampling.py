@@ -41,13 +41,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_pipeline(pretrained: str, lora: str | None = None, npo_lora: str | None = None,
-                  cfg: SamplerConfig | None = None) -> Any:
+                  cfg: SamplerConfig | None = None, cond_lora: str | None = None) -> Any:
     """A diffusers pipeline from a directory or hub id, with a DDIM scheduler and optional LoRA.
 
     ``lora`` (an aligned model's LoRA) is FUSED into the UNet; ``npo_lora`` is loaded as a LoRA
-    adapter that the negative-guidance sampler enables for the negative branch only. Both directories
-    hold diffusers-format LoRA files (what ``mm-align train`` writes to ``final/``).
+    adapter that the negative-guidance sampler enables for the negative branch only; ``cond_lora`` (an
+    aligned LoRA, e.g. TDPO's) is loaded as an adapter enabled for the CONDITIONAL branch only. The
+    directories hold diffusers-format LoRA files (what ``mm-align train`` writes to ``final/``).
     """
+    if npo_lora and cond_lora:
+        raise ValueError("npo_lora and cond_lora both use the guided sampler's LoRA slot: give one")
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     cfg = cfg or SamplerConfig()
@@ -59,6 +62,9 @@ def load_pipeline(pretrained: str, lora: str | None = None, npo_lora: str | None
         pipe.unload_lora_weights()
     if npo_lora:
         pipe.load_lora_weights(npo_lora, adapter_name="npo")
+    if cond_lora:
+        pipe.load_lora_weights(cond_lora, adapter_name="cond")
+    pipe.mm_align_lora_branch = "positive" if cond_lora else "negative"  # read by sample_images
     pipe.to(resolve_device(cfg.device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -70,7 +76,8 @@ def sample_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: 
     """One image per (prompt, seed), drawn in batches of ``cfg.batch_size``; PIL RGB images.
 
     With an NPO LoRA loaded (``load_pipeline(npo_lora=...)``) the negative-preference guidance sampler
-    is used; otherwise the pipeline's own CFG call.
+    is used, with a conditional-branch LoRA (``cond_lora``) the same sampler with the LoRA on the
+    conditional branch; otherwise the pipeline's own CFG call.
     """
     from mm_align.image.npo_guidance import npo_guided_sample
 
@@ -87,7 +94,7 @@ def sample_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: 
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[start : start + cfg.batch_size]]
         if npo:
             images = npo_guided_sample(pipe, batch, cfg.negative_prompt, cfg.steps, cfg.guidance_scale, gens,
-                                       side, side)
+                                       side, side, getattr(pipe, "mm_align_lora_branch", "negative"))
         else:
             images = pipe(batch, negative_prompt=[cfg.negative_prompt] * len(batch), num_inference_steps=cfg.steps,
                           guidance_scale=cfg.guidance_scale, generator=gens, height=side, width=side, eta=0.0,

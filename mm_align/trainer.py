@@ -3,8 +3,9 @@
 One loop serves diffusion errors and token log-probs alike: the adapter turns records into a
 batch and a batch into per-sample :class:`~mm_align.types.Scores`; the loss compares the
 policy's scores with the reference's. Read :func:`train` from top to bottom: set-up, resume,
-then per optimiser step — micro-batches, policy pass, reference pass (adapters disabled, a
-frozen copy, or the on-disk cache), loss, backward, the non-finite guard, clip, step, log, save.
+then per optimiser step — micro-batches, reference pass (adapters disabled or a frozen copy,
+run first so its activations are freed before the policy's are kept; or the on-disk cache), policy
+pass, loss, backward, the non-finite guard, clip, step, log, save.
 
 Data order and every per-sample random draw are functions of ``(seed, epoch, sample index)``,
 and the position in the data is saved with each checkpoint, so a resumed run continues exactly
@@ -289,6 +290,9 @@ def train(
             last_micro = micro == cfg.gradient_accumulation_steps - 1
             sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
             with sync:
+                # The live reference pass runs BEFORE the policy's: its activations are freed before the
+                # policy's are saved for backward, so the step's peak memory is the plain step's.
+                live_reference = reference_scores(batch) if needs_reference and not cfg.precompute_reference else None
                 with accelerator.autocast():
                     policy = adapter.scores(batch, model)
                 reference = None
@@ -296,7 +300,7 @@ def train(
                     reference = (
                         reference_cache(pos.epoch).lookup(indices, policy, accelerator.device)
                         if cfg.precompute_reference
-                        else reference_scores(batch)
+                        else live_reference
                     )
                 out = compute_loss(cfg.loss, cfg.loss_weights, policy, reference, cfg.beta, cfg.loss_params)
                 finite = finite * torch.isfinite(out.loss.detach()).float()

@@ -87,8 +87,8 @@ def test_chosen_rejected_and_reference_share_noise_and_timestep(tmp_path, model_
 
     monkeypatch.setattr(adapter.scheduler, "add_noise", spy)
     train(adapter, _pairs(image_dir), _cfg(tmp_path, "diffusion_dpo", max_steps=1))
-    (policy_noise, policy_t, grad), (ref_noise, ref_t, ref_grad) = calls
-    assert grad and not ref_grad  # the policy pass, then the no-grad reference pass
+    (ref_noise, ref_t, ref_grad), (policy_noise, policy_t, grad) = calls
+    assert grad and not ref_grad  # the no-grad reference pass (first: its activations freed), then the policy
     b = policy_t.shape[0] // 2
     assert torch.equal(policy_noise[:b], policy_noise[b:]) and torch.equal(policy_t[:b], policy_t[b:])
     assert torch.equal(policy_noise, ref_noise) and torch.equal(policy_t, ref_t)
