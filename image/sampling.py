@@ -87,12 +87,12 @@ def sample_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     side = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    npo = has_lora(pipe.unet)
+    guided = has_lora(pipe.unet)  # an NPO or conditional-branch LoRA: the two-branch sampler
     out: list[Image.Image] = []
     for start in range(0, len(prompts), cfg.batch_size):
         batch = list(prompts[start : start + cfg.batch_size])
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[start : start + cfg.batch_size]]
-        if npo:
+        if guided:
             images = npo_guided_sample(pipe, batch, cfg.negative_prompt, cfg.steps, cfg.guidance_scale, gens,
                                        side, side, getattr(pipe, "mm_align_lora_branch", "negative"))
         else:
