@@ -122,7 +122,7 @@ def world_perturber_options() -> str:
 def train_method(name: str, model: str, data: dict[str, Path], out: Path, seed: int = 0,
                  steps: int | None = None) -> Path:
     """One method through ``mm-align train`` (the shapes recipe with this method's overrides)."""
-    from mm_align.cli import cmd_train
+    from mm_align.orchestration import load_run_config, run_training
 
     loss, beta, lr, method_steps, source = METHODS[name]
     steps = steps or method_steps
@@ -136,8 +136,7 @@ def train_method(name: str, model: str, data: dict[str, Path], out: Path, seed: 
         overrides += ["data.format=captions", f"data.options={world_perturber_options()}"]
     if (out / "final").is_dir():
         return out
-    if cmd_train("shapes_diffusion_dpo", overrides):
-        raise RuntimeError(f"training {name} failed")
+    run_training(load_run_config("shapes_diffusion_dpo", overrides), log=print)
     return out
 
 

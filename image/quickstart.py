@@ -63,8 +63,7 @@ def run_shapes_quickstart(output_dir: Path, steps: int | None = None, cfg: Shape
     from mm_align.image.sampling import SamplerConfig
     from mm_align.image.toyworld.shapes import shapes_sd_dir
 
-    from mm_align.cli import cmd_train
-    from mm_align.recipes import resolve_config_path
+    from mm_align.orchestration import load_run_config, run_training
 
     cfg = cfg or ShapesQuickstart()
     if steps is not None:
@@ -85,13 +84,11 @@ def run_shapes_quickstart(output_dir: Path, steps: int | None = None, cfg: Shape
     started = time.perf_counter()
     log(f"[2/3] train: Diffusion-DPO with LoRA, {cfg.steps} steps")
     run_dir = output_dir / "dpo"
-    code = cmd_train(str(resolve_config_path("shapes_diffusion_dpo")), [
+    run_training(load_run_config("shapes_diffusion_dpo", [
         f"model.pretrained={model}", f"data.train={output_dir / 'generate' / 'pairs.parquet'}",
         f"train.output_dir={run_dir}", f"train.max_steps={cfg.steps}", f"train.seed={cfg.seed}",
         f"model.precompute_dir={output_dir / 'latent_cache'}", f"train.batch_size={cfg.batch_size}",
-    ])
-    if code:
-        raise RuntimeError(f"training failed (exit code {code})")
+    ]), log=log)
     timings["train_s"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -62,43 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(config: str, overrides: Sequence[str]) -> int:
-    from mm_align.config import from_dict, load_config
-    from mm_align.data import ColumnMap, read_preferences
-    from mm_align.losses import get_loss
-    from mm_align.recipes import build_adapter, load_object, resolve_config_path
-    from mm_align.run_config import DataConfig, RunConfig
-    from mm_align.trainer import train
+    from mm_align.orchestration import load_run_config, run_training
 
-    cfg = load_config(RunConfig, resolve_config_path(config), overrides)
-    adapter = build_adapter(cfg.adapter, cfg.model)
-    specs = [get_loss(n) for n in cfg.train.loss]
-    kinds = {s.paired for s in specs if s.name != "sft"} or {True}  # sft goes with either kind
-    if len(kinds) > 1:
-        raise SystemExit(f"error: losses {cfg.train.loss} mix paired and unpaired losses")
-    kind = "paired" if kinds.pop() else "unpaired"
-
-    def read(path: str, data: DataConfig) -> list:
-        formats = getattr(adapter, "dataset_formats", {})
-        if data.format in formats:  # reader(path, strict=, kind=, **data.options); it rejects a kind it cannot give
-            result = load_object(formats[data.format])(path, strict=data.strict, kind=kind, **data.options)
-        else:
-            if data.options:
-                raise ValueError(f"data.options is only read by an adapter's own formats ({', '.join(formats)})")
-            columns = from_dict(ColumnMap, data.columns, path="data.columns")
-            result = read_preferences(path, data.format, kind, columns, strict=data.strict)
-        if result.skipped:
-            counts = ", ".join(f"{k}: {v}" for k, v in result.skipped_by_reason().items())
-            print(f"{path}: {len(result.records)} records, {len(result.skipped)} rows skipped ({counts})")
-        return list(result.records)[: data.max_samples]
-
-    if not cfg.data.train:
-        raise SystemExit("error: data.train is not set")
-    if hasattr(adapter, "base_dir"):  # relative media paths in the data resolve against the data file
-        train_path = Path(cfg.data.train).resolve()
-        adapter.base_dir = train_path if train_path.is_dir() else train_path.parent
-    records = read(cfg.data.train, cfg.data)
-    eval_records = read(cfg.data.eval, cfg.data) if cfg.data.eval else None
-    result = train(adapter, records, cfg.train, eval_records, run_config=cfg)
+    result = run_training(load_run_config(config, overrides), log=print)
     if result.is_main_process:
         print(
             f"trained {result.step} steps ({result.skipped_steps} skipped) on {result.num_processes} process(es); "
@@ -185,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "quickstart":
             return cmd_quickstart(args.output_dir, args.steps, args.world)
         return cmd_ls(args.what)
-    except (ValueError, FileNotFoundError) as exc:  # ConfigError and DataError are ValueErrors
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # ConfigError and DataError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

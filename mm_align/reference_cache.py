@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mm_align.types import Scores
+
+CACHE_FORMAT = "mm_align.reference_cache/2"
 
 __all__ = ["sample_seed", "records_fingerprint", "model_fingerprint", "ReferenceCache", "default_cache_dir"]
 
@@ -97,47 +100,85 @@ class ReferenceCache:
         is_main: bool,
         progress: Callable[[int], Any] | None = None,
     ) -> ReferenceCache:
-        """Load ``path`` if it exists, else compute scores for samples ``0..n-1`` and write it atomically."""
+        """Load ``path`` if it exists, else compute scores for samples ``0..n-1`` and write it atomically.
+
+        Every tensor field of the reference's :class:`Scores` is stored: ``chosen``, ``rejected``,
+        ``desirable``, the token counts and each ``extra`` entry (as ``extra.<name>``), so a loss
+        that reads the reference's side information (a KTO KL estimate) gets the reference's own.
+        The score kind and the format version live in the safetensors metadata.
+        """
         if path.is_file():
-            tensors = load_file(str(path))
-            kind = "error" if "kind_error" in tensors else "logp"
-            return cls(kind, {k: v for k, v in tensors.items() if not k.startswith("kind_")}, path)
+            return cls.load(path)
         parts: dict[str, list[torch.Tensor]] = {}
         kind = "logp"
         for start in range(0, n, batch_size):
             idx = list(range(start, min(n, start + batch_size)))
             s = compute(idx)
             kind = s.kind
-            for name in ("chosen", "rejected", "n_tokens_chosen", "n_tokens_rejected"):
-                t = getattr(s, name)
-                if t is not None:
-                    parts.setdefault(name, []).append(t.detach().float().cpu())
+            for name, t in _score_tensors(s).items():
+                parts.setdefault(name, []).append(t.detach().cpu())
             if progress is not None:
                 progress(len(idx))
         tensors = {k: torch.cat(v) for k, v in parts.items()}
+        for name, t in tensors.items():
+            if t.shape[0] != n:
+                raise ValueError(f"reference cache: '{name}' has {t.shape[0]} rows for {n} samples")
         if is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            save_file({**tensors, f"kind_{kind}": torch.zeros(1)}, str(tmp))
+            save_file(tensors, str(tmp), metadata={"kind": kind, "format": CACHE_FORMAT})
             os.replace(tmp, path)
         return cls(kind, tensors, path)
 
+    @classmethod
+    def load(cls, path: Path) -> ReferenceCache:
+        """Read a cache file written by :meth:`load_or_build`; a file of another format is an error naming it."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != CACHE_FORMAT or meta.get("kind") not in ("logp", "error"):
+            raise ValueError(
+                f"{path} is not a reference cache of format {CACHE_FORMAT} (metadata {meta}); delete it to recompute"
+            )
+        return cls(meta["kind"], load_file(str(path)), path)
+
     def lookup(self, indices: Sequence[int], like: Scores, device: torch.device) -> Scores:
-        """The cached reference scores of ``indices``, shaped like the policy's ``like``."""
+        """The cached reference scores of ``indices``; ``like`` (the policy's) gives only the dtype.
+
+        Raises:
+            ValueError: if the policy's scores carry a field the cache lacks (paired vs unpaired, an
+                ``extra`` key): the cache was built for other data or another adapter version.
+        """
         idx = torch.as_tensor(list(indices), dtype=torch.long)
 
         def take(name: str) -> torch.Tensor | None:
             t = self.tensors.get(name)
             return None if t is None else t[idx].to(device)
 
+        missing = sorted(set(_score_tensors(like)) - set(self.tensors))
+        if missing:
+            raise ValueError(f"reference cache {self.path} lacks {missing}; delete it to recompute")
         chosen = take("chosen")
         assert chosen is not None
+        rejected = take("rejected")
+        prefix = "extra."
         return Scores(
             kind=self.kind,  # type: ignore[arg-type]
             chosen=chosen.to(like.chosen.dtype),
-            rejected=None if like.rejected is None else take("rejected"),
-            desirable=like.desirable,
+            rejected=None if rejected is None else rejected.to(like.chosen.dtype),
+            desirable=take("desirable"),
             n_tokens_chosen=take("n_tokens_chosen"),
             n_tokens_rejected=take("n_tokens_rejected"),
-            extra=dict(like.extra),
+            extra={k[len(prefix):]: v[idx].to(device) for k, v in self.tensors.items() if k.startswith(prefix)},
         )
+
+
+def _score_tensors(s: Scores) -> dict[str, torch.Tensor]:
+    """Every per-sample tensor of ``s`` by its cache name (``extra`` entries as ``extra.<key>``)."""
+    out = {
+        name: getattr(s, name)
+        for name in ("chosen", "rejected", "desirable", "n_tokens_chosen", "n_tokens_rejected")
+        if getattr(s, name) is not None
+    }
+    out.update({f"extra.{k}": v for k, v in s.extra.items()})
+    return {k: v.detach().contiguous() if v.dtype == torch.bool else v.detach().float().contiguous()
+            for k, v in out.items()}

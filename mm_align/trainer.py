@@ -41,7 +41,7 @@ from mm_align.losses import compute_loss, get_loss
 from mm_align.metrics_log import MetricsLogger
 from mm_align.reference_cache import ReferenceCache, default_cache_dir, records_fingerprint, sample_seed
 from mm_align.run_config import TrainConfig
-from mm_align.types import LossOutput, PreferenceAdapter, Scores
+from mm_align.types import LossOutput, PreferenceAdapter, Scores, check_adapter
 
 logger = get_logger(__name__)
 
@@ -142,6 +142,7 @@ def train(
     (``finetune=full``), or scores cached on disk (``precompute_reference``).
     """
     # ---- set-up -------------------------------------------------------------------------------
+    check_adapter(adapter)
     specs = [get_loss(name) for name in cfg.loss]
     needs_reference = any(s.needs_reference for s in specs)
     for s in specs:
