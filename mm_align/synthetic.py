@@ -124,6 +124,8 @@ class SyntheticAdapter:
 
     score_kind = "logp"
     Config = SyntheticModelConfig
+    dataset_formats: dict[str, str] = {}  # reads the core formats only
+    base_dir = None  # records hold no media paths
 
     def __init__(self, config: SyntheticModelConfig | None = None) -> None:
         self.config = config or SyntheticModelConfig()
