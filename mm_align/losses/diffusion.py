@@ -17,96 +17,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mm_align.losses.common import (
+    check_scores,
+    kto_core,
+    kto_reference_point,
+    masked_mean,
+    tie_half_accuracy,
+    upcast,
+)
 from mm_align.types import LossOutput, Scores
 
 __all__ = ["diffusion_dpo", "npo", "smpo", "mapo", "diffusion_kto", "minmax_normalise", "tie_half_accuracy"]
-
-
-# ---- shared helpers (also used by sequence.py and registry.py) ------------------------------------
-
-
-def _up(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in at least float32 (half and bfloat16 are upcast; float64 is kept), gradient preserved."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def check_scores(
-    name: str,
-    policy: Scores,
-    reference: Scores | None,
-    *,
-    kind: str,
-    paired: bool | None,
-    needs_reference: bool,
-) -> None:
-    """Raise a ValueError that says what is wrong when ``policy``/``reference`` do not fit loss ``name``.
-
-    Args:
-        name: the loss name, for the message.
-        policy: the policy scores.
-        reference: the reference scores (only checked when ``needs_reference``).
-        kind: the score kind the loss consumes (``"logp"``, ``"error"`` or ``"any"``).
-        paired: True for pairwise losses, False for unpaired ones (KTO), None to accept both.
-        needs_reference: whether the loss reads ``reference``.
-    """
-    if kind != "any" and policy.kind != kind:
-        raise ValueError(f"loss '{name}' needs '{kind}' scores (Scores.kind), got '{policy.kind}' scores")
-    if paired is True and not policy.paired:
-        raise ValueError(
-            f"loss '{name}' needs paired scores (Scores.rejected set), got unpaired scores (rejected is None)"
-        )
-    if paired is False:
-        if policy.paired:
-            raise ValueError(
-                f"loss '{name}' needs unpaired scores (rejected None, desirable set), got paired scores"
-            )
-        if policy.desirable is None:
-            raise ValueError(f"loss '{name}' needs Scores.desirable (a bool per sample) for unpaired data")
-        if policy.desirable.shape != policy.chosen.shape:
-            raise ValueError(
-                f"loss '{name}': desirable has shape {tuple(policy.desirable.shape)}, "
-                f"scores have {tuple(policy.chosen.shape)}"
-            )
-    if policy.paired and policy.rejected is not None and policy.rejected.shape != policy.chosen.shape:
-        raise ValueError(
-            f"loss '{name}': chosen scores have shape {tuple(policy.chosen.shape)}, "
-            f"rejected {tuple(policy.rejected.shape)}"
-        )
-    if not needs_reference:
-        return
-    if reference is None:
-        raise ValueError(f"loss '{name}' needs reference scores, got reference=None")
-    if reference.kind != policy.kind:
-        raise ValueError(
-            f"loss '{name}': policy scores are '{policy.kind}' but reference scores are '{reference.kind}'"
-        )
-    if reference.paired != policy.paired:
-        raise ValueError(f"loss '{name}': policy and reference scores disagree on paired/unpaired")
-    if reference.chosen.shape != policy.chosen.shape:
-        raise ValueError(
-            f"loss '{name}': policy scores have shape {tuple(policy.chosen.shape)}, "
-            f"reference {tuple(reference.chosen.shape)}"
-        )
-
-
-def tie_half_accuracy(d: torch.Tensor) -> torch.Tensor:
-    """``mean(d < 0)`` with exact ties (``d == 0``) counting ½ (ALGORITHMS.md §1: implicit accuracy).
-
-    Args:
-        d: ``(B,)`` per-pair differences where negative means "the chosen sample wins".
-
-    Returns:
-        A 0-dim float32 tensor in [0, 1].
-    """
-    d = d.detach()
-    return ((d < 0).float() + 0.5 * (d == 0).float()).mean()
 
 
 def _dpo_core(
     pw: torch.Tensor, pl: torch.Tensor, rw: torch.Tensor, rl: torch.Tensor, beta: torch.Tensor | float
 ) -> LossOutput:
     """Diffusion-DPO on errors of the "winner" (pw, rw) and the "loser" (pl, rl); ``beta`` scalar or ``(B,)``."""
-    pw, pl, rw, rl = _up(pw), _up(pl), _up(rw), _up(rl)
+    pw, pl, rw, rl = upcast(pw), upcast(pl), upcast(rw), upcast(rl)
     d_w = pw - rw  # (B,) how much the policy beats (negative) or loses to the reference on the winner
     d_l = pl - rl  # (B,)
     d = d_w - d_l  # (B,)
@@ -188,7 +116,7 @@ def minmax_normalise(t: torch.Tensor) -> torch.Tensor:
     Returns:
         A float tensor of the same shape with values in [0, 1].
     """
-    t = _up(t)
+    t = upcast(t)
     lo, hi = t.min(), t.max()
     if bool(hi == lo):
         return torch.zeros_like(t)
@@ -229,8 +157,8 @@ def smpo(policy: Scores, reference: Scores | None, *, beta: float) -> LossOutput
             "(min-max normalised over the dataset by the data step)"
         )
     assert reference is not None and policy.rejected is not None and reference.rejected is not None
-    r_w = _up(policy.extra["reward_chosen"].detach())
-    r_l = _up(policy.extra["reward_rejected"].detach())
+    r_w = upcast(policy.extra["reward_chosen"].detach())
+    r_l = upcast(policy.extra["reward_rejected"].detach())
     p_w = torch.softmax(torch.stack([r_w, r_l], dim=-1), dim=-1)[..., 0]  # (B,)
     beta_i = beta * 10.0 * (2.0 * p_w - 1.0)  # (B,)
     return _dpo_core(policy.chosen, policy.rejected, reference.chosen, reference.rejected, beta_i)
@@ -280,7 +208,7 @@ def mapo(
     """
     check_scores("mapo", policy, None, kind="error", paired=True, needs_reference=False)
     assert policy.rejected is not None
-    pw, pl = _up(policy.chosen), _up(policy.rejected)
+    pw, pl = upcast(policy.chosen), upcast(policy.rejected)
     m = _f(s * pw) - _f(s * pl)  # (B,) > 0 when the chosen error is lower (f decreases)
     loss = (pw - beta * F.logsigmoid(num_train_timesteps * m)).mean()
     acc = tie_half_accuracy(pw - pl)
@@ -295,61 +223,6 @@ def mapo(
 
 
 # ---- unpaired (KTO) -------------------------------------------------------------------------------
-
-
-def kto_reference_point(batch_reward: torch.Tensor, mismatched_reward: torch.Tensor | None) -> torch.Tensor:
-    """KTO's reference point ``z_ref``: a batch-mean KL estimate, detached and clamped ≥ 0.
-
-    Args:
-        batch_reward: ``(B,)`` implied rewards of the batch itself.
-        mismatched_reward: ``(B',)`` implied rewards on mismatched (prompt, sample) pairs, the
-            estimate the KTO paper prefers, or None to use the batch itself.
-
-    Returns:
-        A 0-dim tensor ``max(0, mean(reward))``, detached.
-    """
-    r = mismatched_reward if mismatched_reward is not None else batch_reward
-    return _up(r.detach()).mean().clamp(min=0)
-
-
-def kto_core(
-    reward: torch.Tensor,
-    desirable: torch.Tensor,
-    z_ref: torch.Tensor,
-    beta: float,
-    lambda_d: float,
-    lambda_u: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """KTO's value function on implied rewards, shared by :func:`diffusion_kto` and ``sequence.kto``.
-
-    ``z = r − z_ref``; desirable samples ``λ_D(1 − σ(β·z))``, undesirable ``λ_U(1 − σ(−β·z))``; the
-    mean over all samples.
-
-    Returns:
-        ``(loss, metrics)`` with ``kl`` (= z_ref), ``rewards/chosen`` (mean β·r over desirable samples,
-        0 if none), ``rewards/rejected`` (over undesirable samples, 0 if none), ``rewards/margins``
-        (their difference).
-    """
-    reward = _up(reward)
-    des = desirable.bool()
-    z = reward - z_ref  # (B,)
-    per = torch.where(des, lambda_d * (1 - torch.sigmoid(beta * z)), lambda_u * (1 - torch.sigmoid(-beta * z)))
-    r = (beta * reward).detach()
-    chosen, rejected = masked_mean(r, des), masked_mean(r, ~des)
-    metrics = {
-        "kl": z_ref.detach().reshape(()),
-        "rewards/chosen": chosen,
-        "rewards/rejected": rejected,
-        "rewards/margins": chosen - rejected,
-    }
-    return per.mean(), metrics
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Detached float mean of ``x`` where ``mask`` is True; 0 when the mask is empty (keys stay stable)."""
-    x = _up(x.detach())
-    n = mask.sum()
-    return torch.where(n > 0, (x * mask).sum() / n.clamp(min=1), x.new_zeros(()))
 
 
 def diffusion_kto(
@@ -387,10 +260,10 @@ def diffusion_kto(
     """
     check_scores("diffusion_kto", policy, reference, kind="error", paired=False, needs_reference=True)
     assert reference is not None and policy.desirable is not None
-    reward = _up(reference.chosen) - _up(policy.chosen)  # (B,)
+    reward = upcast(reference.chosen) - upcast(policy.chosen)  # (B,)
     mismatched = None
     if "kl" in policy.extra and "kl" in reference.extra:
-        mismatched = _up(reference.extra["kl"]) - _up(policy.extra["kl"])
+        mismatched = upcast(reference.extra["kl"]) - upcast(policy.extra["kl"])
     z_ref = kto_reference_point(reward, mismatched)
     loss, metrics = kto_core(reward, policy.desirable, z_ref, beta, lambda_d, lambda_u)
     des = policy.desirable.bool()

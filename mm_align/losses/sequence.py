@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mm_align.losses.diffusion import _up, check_scores, kto_core, kto_reference_point, masked_mean
+from mm_align.losses.common import check_scores, kto_core, kto_reference_point, masked_mean, upcast
 from mm_align.types import LossOutput, Scores
 
 __all__ = ["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "kto", "sft"]
@@ -25,8 +25,8 @@ def _rewards(name: str, policy: Scores, reference: Scores | None) -> tuple[torch
     """Validated ``(r⁺, r⁻)``, each ``(B,)`` float32."""
     check_scores(name, policy, reference, kind="logp", paired=True, needs_reference=True)
     assert reference is not None and policy.rejected is not None and reference.rejected is not None
-    rp = _up(policy.chosen) - _up(reference.chosen)
-    rn = _up(policy.rejected) - _up(reference.rejected)
+    rp = upcast(policy.chosen) - upcast(reference.chosen)
+    rn = upcast(policy.rejected) - upcast(reference.rejected)
     return rp, rn
 
 
@@ -39,8 +39,8 @@ def _metrics(policy: Scores, rp: torch.Tensor, rn: torch.Tensor, beta: float) ->
         "rewards/rejected": (beta * rn).mean(),
         "rewards/margins": (beta * (rp - rn)).mean(),
         "rewards/accuracies": (rp > rn).float().mean(),
-        "logps/chosen": _up(policy.chosen.detach()).mean(),
-        "logps/rejected": _up(policy.rejected.detach()).mean(),
+        "logps/chosen": upcast(policy.chosen.detach()).mean(),
+        "logps/rejected": upcast(policy.rejected.detach()).mean(),
     }
 
 
@@ -103,8 +103,8 @@ def ipo(policy: Scores, reference: Scores | None, *, beta: float) -> LossOutput:
     rp, rn = _rewards("ipo", policy, reference)
     if policy.n_tokens_chosen is None or policy.n_tokens_rejected is None:
         raise ValueError("ipo needs response token counts: Scores.n_tokens_chosen and Scores.n_tokens_rejected")
-    n_w = _up(policy.n_tokens_chosen).clamp(min=1)  # (B,)
-    n_l = _up(policy.n_tokens_rejected).clamp(min=1)  # (B,)
+    n_w = upcast(policy.n_tokens_chosen).clamp(min=1)  # (B,)
+    n_l = upcast(policy.n_tokens_rejected).clamp(min=1)  # (B,)
     delta_bar = rp / n_w - rn / n_l  # (B,)
     loss = (delta_bar - 1.0 / (2.0 * beta)).pow(2).mean()
     return LossOutput(loss, _metrics(policy, rp, rn, beta))
@@ -213,10 +213,10 @@ def kto(
     """
     check_scores("kto", policy, reference, kind="logp", paired=False, needs_reference=True)
     assert reference is not None and policy.desirable is not None
-    reward = _up(policy.chosen) - _up(reference.chosen)  # (B,)
+    reward = upcast(policy.chosen) - upcast(reference.chosen)  # (B,)
     mismatched = None
     if "kl" in policy.extra and "kl" in reference.extra:
-        mismatched = _up(policy.extra["kl"]) - _up(reference.extra["kl"])
+        mismatched = upcast(policy.extra["kl"]) - upcast(reference.extra["kl"])
     z_ref = kto_reference_point(reward, mismatched)
     loss, metrics = kto_core(reward, policy.desirable, z_ref, beta, lambda_d, lambda_u)
     des = policy.desirable.bool()
@@ -244,11 +244,11 @@ def sft(policy: Scores, reference: Scores | None, *, beta: float) -> LossOutput:
     Raises:
         ValueError: if log-prob scores carry no ``n_tokens_chosen``.
     """
-    chosen = _up(policy.chosen)
+    chosen = upcast(policy.chosen)
     if policy.kind == "logp":
         if policy.n_tokens_chosen is None:
             raise ValueError("sft on log-probs needs response token counts (Scores.n_tokens_chosen)")
-        per = -chosen / _up(policy.n_tokens_chosen).clamp(min=1)  # (B,)
+        per = -chosen / upcast(policy.n_tokens_chosen).clamp(min=1)  # (B,)
         key = "logps/chosen"
     else:
         per = chosen
