@@ -8,6 +8,14 @@
 a non-finite float (a NaN loss, an infinite gradient norm) is written as ``null``; readers (the
 report) skip nulls. Each line is flushed as it is written, so a killed run loses at most the line
 being written, which :func:`read_metrics` skips.
+
+TensorBoard and W&B go through accelerate's own trackers (``accelerate.tracking.TensorBoardTracker``,
+``WandBTracker``), the same code ``Accelerator(log_with=...)`` runs, so their behaviour follows the
+ecosystem's. ``metrics.jsonl`` stays our own writer: accelerate has no JSON-lines tracker, and this
+file is the run's source of truth that the report, the benchmarks and exact resume read, with
+guarantees no tracker gives — a flush per line, ``null`` for non-finite values (a tracker would drop
+them or write NaN), an atomic rewrite that drops the steps after the resumed checkpoint, and a reader
+that tolerates a truncated last line. It must also be written whatever trackers are installed.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
 
 from mm_align.atomic import atomic_write_text
 
@@ -31,6 +40,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["MetricsLogger", "read_metrics", "SINKS"]
 
 SINKS = ("tensorboard", "wandb", "none")
+TENSORBOARD_DIR = "tensorboard"  # under output_dir
 
 
 def _value(key: str, v: Any) -> Any:
@@ -59,20 +69,23 @@ class MetricsLogger:
         output_dir (`str` or `Path`):
             The run directory; created if needed (only when `enabled`).
         report_to (`Sequence[str]`, *optional*, defaults to `("tensorboard",)`):
-            Trackers besides `metrics.jsonl`: `"tensorboard"` (a `SummaryWriter` under
-            `output_dir/tensorboard`, one scalar per key), `"wandb"` (needs `pip install wandb`;
-            the mode follows `WANDB_MODE`), `"none"`. A single string is accepted.
+            Trackers besides `metrics.jsonl`: `"tensorboard"` (accelerate's `TensorBoardTracker`, event
+            files under `output_dir/tensorboard`, one scalar per numeric key), `"wandb"` (accelerate's
+            `WandBTracker`; needs `pip install wandb`; the mode follows `WANDB_MODE`, the project
+            `WANDB_PROJECT`), `"none"`. A single string is accepted.
         run_name (`str`, *optional*):
             The run's name for W&B.
         config (`dict`, *optional*):
-            The resolved config, stored with the W&B run and as text in TensorBoard.
+            The resolved config, stored with the W&B run and as text (`config`, step 0) in TensorBoard.
         enabled (`bool`, *optional*, defaults to `True`):
             `False` on non-main processes: nothing is created or written.
         resume_step (`int`, *optional*):
             Resuming from step `N`: `metrics.jsonl` is first rewritten (atomically) to keep only the
-            lines with `step <= N`, and TensorBoard purges events after `N`, so the resumed run's log
-            has no steps duplicated from the killed part. `None` (a fresh run) starts a fresh
-            `metrics.jsonl`, replacing one left in the directory.
+            lines with `step <= N`, and TensorBoard purges events after `N` (`purge_step=N + 1`, passed
+            through the tracker to its `SummaryWriter`), so the resumed run's log has no steps
+            duplicated from the killed part. W&B cannot purge: a resumed run is a new W&B run (unless
+            `WANDB_RUN_ID` names the old one, in which case W&B itself ignores steps it already has).
+            `None` (a fresh run) starts a fresh `metrics.jsonl`, replacing one left in the directory.
 
     Raises:
         `ValueError`: on an unknown `report_to` value (the message lists the valid ones).
@@ -105,15 +118,13 @@ class MetricsLogger:
         self.path = self.output_dir / "metrics.jsonl"
         self.report_to = tuple(report_to)
         self._file: Any = None
-        self._tb: Any = None
-        self._wandb: Any = None
+        self._trackers: list[GeneralTracker] = []
         if not enabled:
             return
 
-        wandb = None
         if "wandb" in self.report_to:  # fail before creating anything
             try:
-                import wandb
+                import wandb  # noqa: F401  (the tracker imports it again in start())
             except ImportError as exc:
                 raise ImportError(
                     "report_to includes 'wandb' but the wandb package is not installed: pip install wandb "
@@ -132,21 +143,36 @@ class MetricsLogger:
             self.path.unlink()  # a fresh run into an old directory starts a fresh log
         self._file = self.path.open("a", encoding="utf-8")
 
-        if "tensorboard" in self.report_to:
-            from torch.utils.tensorboard import SummaryWriter
+        try:
+            if "tensorboard" in self.report_to:
+                purge = resume_step + 1 if resume_step is not None else None
+                # the tracker's SummaryWriter writes to logging_dir/run_name = output_dir/tensorboard
+                tb = TensorBoardTracker(TENSORBOARD_DIR, self.output_dir, purge_step=purge)
+                tb.start()
+                self._trackers.append(tb)
+                if config is not None and resume_step is None:
+                    tb.log({"config": "```\n" + json.dumps(config, indent=2, default=str) + "\n```"}, step=0)
+            if "wandb" in self.report_to:
+                # accelerate passes its first argument to wandb.init as `project`: None keeps W&B's default
+                # (WANDB_PROJECT); the run's name goes through the init kwargs
+                wb = WandBTracker(
+                    None,  # type: ignore[arg-type]
+                    name=run_name,
+                    config=config,
+                    dir=str(self.output_dir),
+                    resume="allow",
+                    mode=os.environ.get("WANDB_MODE") or None,
+                )
+                wb.start()
+                self._trackers.append(wb)
+        except BaseException:
+            self.close()  # no half-open writers left behind
+            raise
 
-            purge = resume_step + 1 if resume_step is not None else None
-            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=purge)
-            if config is not None and resume_step is None:
-                self._tb.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
-        if wandb is not None:
-            self._wandb = wandb.init(
-                name=run_name,
-                config=config,
-                dir=str(self.output_dir),
-                resume="allow",
-                mode=os.environ.get("WANDB_MODE") or None,
-            )
+    @property
+    def trackers(self) -> tuple[GeneralTracker, ...]:
+        """The accelerate trackers in use (TensorBoard first, then W&B; e.g. for `log_images`); empty when disabled."""
+        return tuple(self._trackers)
 
     def log(self, step: int, metrics: Mapping[str, float | int | torch.Tensor]) -> None:
         """
@@ -170,25 +196,21 @@ class MetricsLogger:
         values = {str(k): _value(str(k), v) for k, v in metrics.items()}
         self._file.write(json.dumps({"step": int(step), "time": time.time(), **values}, allow_nan=False) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for tracker in self._trackers:
+            if tracker.name == "tensorboard":
+                tracker.log(scalars, step=step)  # numbers only (nulls and strings skipped); flushed
+            else:
+                tracker.log({k: v for k, v in values.items() if v is not None}, step=step)
 
     def close(self) -> None:
         """Close `metrics.jsonl` and the trackers; safe to call twice."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            tracker.finish()
 
     def __enter__(self) -> MetricsLogger:
         return self

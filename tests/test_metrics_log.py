@@ -163,3 +163,94 @@ def test_numpy_scalars(tmp_path: Path) -> None:
         log.log(1, {"a": np.float32(0.5), "b": np.int64(3), "c": np.float64(math.inf)})
     row = read_metrics(tmp_path / "metrics.jsonl")[0]
     assert row["a"] == 0.5 and row["b"] == 3 and row["c"] is None
+
+
+def test_tensorboard_goes_through_accelerates_tracker(tmp_path: Path) -> None:
+    """The event file written by accelerate's TensorBoardTracker, read back with EventAccumulator: the numeric
+    scalars at their steps, the config as text at step 0; nulls (non-finite), bools and strings are not scalars.
+    The events lie directly in output_dir/tensorboard (the layout before the tracker)."""
+    from accelerate.tracking import TensorBoardTracker
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path, report_to="tensorboard", config={"train": {"beta": 0.1}}) as log:
+        assert [type(t) for t in log.trackers] == [TensorBoardTracker]
+        log.log(3, {"loss": 0.25, "rewards/accuracies": 1, "grad_norm": math.nan, "flag": True, "note": "x"})
+        log.log(7, {"loss": torch.tensor(0.125), "grad_norm": 2.0})
+    assert log.trackers == ()  # closed
+    assert [p.name.split(".")[0] for p in (tmp_path / "tensorboard").iterdir()] == ["events"]
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["grad_norm", "loss", "rewards/accuracies"]
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(3, 0.25), (7, 0.125)]
+    assert [(e.step, e.value) for e in acc.Scalars("grad_norm")] == [(7, 2.0)]  # the NaN at step 3 is skipped
+    assert [(e.step, e.value) for e in acc.Scalars("rewards/accuracies")] == [(3, 1.0)]
+    (text,) = acc.Tensors("config/text_summary")
+    assert text.step == 0 and json.loads(text.tensor_proto.string_val[0].decode().strip("`\n")) == {
+        "train": {"beta": 0.1}
+    }
+    # metrics.jsonl keeps everything, the null included
+    row = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert row["grad_norm"] is None and row["flag"] is True and row["note"] == "x"
+
+
+def test_tensorboard_resume_passes_purge_step_to_the_writer(tmp_path: Path) -> None:
+    """The purge on resume reaches the tracker's SummaryWriter as purge_step = resume_step + 1 (its effect:
+    test_tensorboard_resume_purges_later_steps); the config text is not written again on resume."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path, config={"a": 1}, resume_step=5) as log:
+        (tb,) = log.trackers
+        assert tb.init_kwargs == {"purge_step": 6}
+        log.log(6, {"loss": 1.0})
+    with MetricsLogger(tmp_path / "fresh") as log:
+        assert log.trackers[0].init_kwargs == {"purge_step": None}
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert acc.Tags()["tensors"] == [] and [e.step for e in acc.Scalars("loss")] == [6]
+
+
+class _FakeRun:
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+
+    def log(self, values: dict, step: int | None = None) -> None:
+        self.calls.append(("log", values, step))
+
+    def finish(self) -> None:
+        self.calls.append(("finish",))
+
+
+def test_wandb_goes_through_accelerates_tracker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """wandb is not a dependency: a stand-in module records what accelerate's WandBTracker calls. The run is
+    initialised with our name, config, directory, resume="allow" and WANDB_MODE; logs drop nulls, keep the step."""
+    import sys
+    import types
+
+    from accelerate.tracking import WandBTracker
+
+    calls: list = []
+    fake = types.ModuleType("wandb")
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return _FakeRun(calls)
+
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with MetricsLogger(tmp_path, report_to=["wandb"], run_name="dpo-1", config={"lr": 1e-5}) as log:
+        assert [type(t) for t in log.trackers] == [WandBTracker]
+        log.log(2, {"loss": 0.5, "grad_norm": math.inf, "flag": True})
+    assert calls[0] == (
+        "init",
+        {
+            "project": None,
+            "name": "dpo-1",
+            "config": {"lr": 1e-5},
+            "dir": str(tmp_path),
+            "resume": "allow",
+            "mode": "offline",
+        },
+    )
+    assert calls[1:] == [("log", {"loss": 0.5, "flag": True}, 2), ("finish",)]
+    assert not (tmp_path / "tensorboard").exists()
