@@ -14,6 +14,8 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ __all__ = [
     "list_checkpoints",
     "save_checkpoint",
     "load_checkpoint",
+    "LoadedCheckpoint",
+    "model_state",
     "rng_state",
     "set_rng_state",
 ]
@@ -90,34 +94,54 @@ def _json_to_tuple(value: Any) -> Any:
     return tuple(_json_to_tuple(v) for v in value) if isinstance(value, list) else value
 
 
-def model_state(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint holds: the trainable parameters (LoRA) or the whole state dict."""
+def model_state(
+    model: nn.Module, trainable_only: bool, full: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds: the trainable parameters (LoRA) or the whole state dict.
+
+    Args:
+        model: the (unwrapped) module; gives the names of the trainable parameters.
+        trainable_only: keep only parameters that require grad (LoRA).
+        full: the whole state dict when it was gathered from shards (:func:`mm_align.distributed.full_state_dict`);
+            None reads ``model.state_dict()``.
+    """
+    state = full if full is not None else model.state_dict()
     if trainable_only:
-        return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    return {n: t.detach().contiguous() for n, t in model.state_dict().items()}
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise KeyError(f"trainable parameters absent from the state dict: {missing[:5]}")
+        return {n: _whole(state[n]) for n in names}
+    return {n: _whole(t) for n, t in state.items()}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().cpu()
 
 
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
     scheduler: Any,
     trainer_state: dict[str, Any],
     *,
-    trainable_only: bool,
     is_main: bool,
     rank: int,
     barrier: Any,
     keep_last: int | None = None,
     extra_files: dict[str, str] | None = None,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    engine_state: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``output_dir/checkpoint-{step}`` atomically and prune to the newest ``keep_last``.
 
-    Every process writes its own RNG state; the main process writes weights, optimiser,
-    scheduler and (last) ``trainer_state.json``, then renames the directory into place.
-    ``barrier`` is a callable that waits for every process (``accelerator.wait_for_everyone``).
+    Every process writes its own RNG state (and, with ``engine_state``, its part of an engine's own
+    checkpoint, e.g. DeepSpeed's sharded optimiser); the main process writes the whole ``weights``
+    (gathered by the caller), the optimiser state, the scheduler and (last) ``trainer_state.json``,
+    then renames the directory into place. ``barrier`` is a callable that waits for every process
+    (``accelerator.wait_for_everyone``).
     """
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
@@ -129,10 +153,13 @@ def save_checkpoint(
         tmp.mkdir()
     barrier()
     atomic_write_json(tmp / f"rng_state_{rank}.json", rng_state())
+    if engine_state is not None:
+        engine_state(tmp)
     barrier()
     if is_main:
-        save_file(model_state(model, trainable_only), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "model.safetensors"))
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
         atomic_write_json(tmp / "scheduler.json", _jsonable(scheduler.state_dict()))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
@@ -149,21 +176,36 @@ def save_checkpoint(
     return final
 
 
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` read; the caller puts weights and optimiser state into its (prepared) objects."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    trainer_state: dict[str, Any]
+
+
 def load_checkpoint(
     path: str | Path,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
     scheduler: Any,
     *,
     trainable_only: bool,
     rank: int,
-) -> dict[str, Any]:
-    """Restore weights, optimiser, scheduler and this process's RNG; return the trainer state."""
+) -> LoadedCheckpoint:
+    """Read a checkpoint; restore the scheduler and this process's RNG; check the weights fit ``model``.
+
+    The weights and optimiser state are returned, not loaded: under a sharded engine they must go
+    through it (:mod:`mm_align.distributed`).
+    """
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
     weights = load_file(str(path / "model.safetensors"))
-    expected = model_state(model, trainable_only)
+    expected = (
+        [n for n, p in model.named_parameters() if p.requires_grad] if trainable_only else list(model.state_dict())
+    )
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
@@ -171,13 +213,13 @@ def load_checkpoint(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
             "(was it written with another finetune mode or LoRA target list?)"
         )
-    model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    optimizer_file = path / "optimizer.pt"
+    optimizer = torch.load(optimizer_file, weights_only=True, map_location="cpu") if optimizer_file.is_file() else None
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rng_file = path / f"rng_state_{rank}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
-    return json.loads((path / STATE_FILE).read_text())
+    return LoadedCheckpoint(path, weights, optimizer, json.loads((path / STATE_FILE).read_text()))
 
 
 def _jsonable(value: Any) -> Any:

@@ -5,7 +5,7 @@
     mm-align doctor DATA [--format F] [--kind paired|unpaired] [--modality M]
     mm-align report RUN_DIR
     mm-align quickstart [--output-dir DIR] [--world shapes|synthetic] [--steps N]
-    mm-align ls [losses|adapters|configs]
+    mm-align ls [losses|adapters|configs|accelerate [NAME]]
 
 Every command also runs as ``accelerate launch -m mm_align.cli COMMAND ...``.
 """
@@ -56,8 +56,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="shapes: text-to-image on the shapes world; synthetic: the core toy world")
     q.add_argument("--steps", type=int, default=None, help="training steps (default: the world's own)")
 
-    ls = sub.add_parser("ls", help="list losses, adapters and shipped configs")
-    ls.add_argument("what", nargs="?", choices=("losses", "adapters", "configs"), default=None)
+    ls = sub.add_parser("ls", help="list losses, adapters, shipped configs and accelerate configs")
+    ls.add_argument("what", nargs="?", choices=("losses", "adapters", "configs", "accelerate"), default=None)
+    ls.add_argument("name", nargs="?", default=None,
+                    help="with 'accelerate': print only this config's path (ddp, fsdp, zero2, zero3)")
     return p
 
 
@@ -99,10 +101,17 @@ def cmd_doctor(data: str, fmt: str, kind: str, modality: str | None = None) -> i
     return 0 if report.ok else 1
 
 
-def cmd_ls(what: str | None) -> int:
+def cmd_ls(what: str | None, name: str | None = None) -> int:
     from mm_align.losses import LOSSES
-    from mm_align.recipes import ADAPTERS, MODALITY_COMMANDS, shipped_configs
+    from mm_align.recipes import ADAPTERS, MODALITY_COMMANDS, accelerate_configs, shipped_configs
 
+    if name is not None:
+        configs = accelerate_configs()
+        if what != "accelerate" or name not in configs:
+            raise ValueError(f"'mm-align ls accelerate NAME' prints one accelerate config; NAME is one of "
+                             f"{', '.join(sorted(configs))}")
+        print(configs[name])
+        return 0
     if what in (None, "losses"):
         print("losses:")
         for name, spec in sorted(LOSSES.items()):
@@ -116,8 +125,12 @@ def cmd_ls(what: str | None) -> int:
         print("modality commands:", ", ".join(f"{c} {m}" for c, m in sorted(MODALITY_COMMANDS)) or "none yet")
     if what in (None, "configs"):
         print("configs:")
-        for name, path in sorted(shipped_configs().items()):
-            print(f"  {name:<24} {path}")
+        for config, path in sorted(shipped_configs().items()):
+            print(f"  {config:<24} {path}")
+    if what in (None, "accelerate"):
+        print("accelerate configs (accelerate launch --config_file PATH -m mm_align.cli train ...):")
+        for config, path in sorted(accelerate_configs().items()):
+            print(f"  {config:<24} {path}")
     return 0
 
 
@@ -150,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_report(args.run_dir, args.output)
         if args.command == "quickstart":
             return cmd_quickstart(args.output_dir, args.steps, args.world)
-        return cmd_ls(args.what)
+        return cmd_ls(args.what, args.name)
     except (ValueError, TypeError, FileNotFoundError) as exc:  # ConfigError and DataError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -88,9 +88,13 @@ def lora_disabled(model: nn.Module) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA weights in peft's naming (no adapter name in the keys)."""
-    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
+def lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA weights in peft's naming (no adapter name in the keys).
+
+    ``state_dict``: the model's whole state dict when it was gathered from a sharded engine; None reads the model's.
+    """
+    state = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=ADAPTER_NAME)
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

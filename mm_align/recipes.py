@@ -14,7 +14,7 @@ from typing import Any
 __all__ = [
     "ADAPTERS", "MODALITY_COMMANDS", "MODALITY_DOCTORS", "QUICKSTARTS", "modality_doctor", "load_object",
     "build_adapter",
-    "shipped_configs", "resolve_config_path",
+    "shipped_configs", "accelerate_configs", "resolve_config_path",
 ]
 
 # name -> "module:attribute". One literal dict; `mm-align ls adapters` prints it.
@@ -80,6 +80,12 @@ def shipped_configs() -> dict[str, Path]:
         if root.is_dir():
             found.update({Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")})
     return found
+
+
+def accelerate_configs() -> dict[str, Path]:
+    """The shipped accelerate config files by name: ``ddp``, ``fsdp`` (FSDP2), ``zero2``, ``zero3`` (DeepSpeed)."""
+    root = resources.files("mm_align") / "configs" / "accelerate"
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
 def resolve_config_path(value: str) -> Path:

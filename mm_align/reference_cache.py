@@ -99,6 +99,9 @@ class ReferenceCache:
         batch_size: int,
         is_main: bool,
         progress: Callable[[int], Any] | None = None,
+        rank: int = 0,
+        world: int = 1,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> ReferenceCache:
         """Load ``path`` if it exists, else compute scores for samples ``0..n-1`` and write it atomically.
 
@@ -106,23 +109,44 @@ class ReferenceCache:
         ``desirable``, the token counts and each ``extra`` entry (as ``extra.<name>``), so a loss
         that reads the reference's side information (a KTO KL estimate) gets the reference's own.
         The score kind and the format version live in the safetensors metadata.
+
+        With ``world > 1`` every process must call this: process ``rank`` scores samples
+        ``rank, rank + world, …`` in the same number of batches as every other process (the reference
+        pass is a collective under FSDP2 / ZeRO-3), and ``gather`` (``accelerator.gather``: the
+        concatenation over processes of equal-shaped tensors) brings the shares together.
         """
         if path.is_file():
             return cls.load(path)
+        if world > 1 and gather is None:
+            raise ValueError("a reference cache built by several processes needs gather")
+        share = list(range(rank, n, world))
+        per_process = -(-n // world)  # every process runs the same number of batches
+        share = share + [share[-1] if share else 0] * (per_process - len(share))  # pad with a repeat
         parts: dict[str, list[torch.Tensor]] = {}
         kind = "logp"
-        for start in range(0, n, batch_size):
-            idx = list(range(start, min(n, start + batch_size)))
+        for start in range(0, per_process, batch_size):
+            idx = share[start : start + batch_size]
             s = compute(idx)
             kind = s.kind
             for name, t in _score_tensors(s).items():
                 parts.setdefault(name, []).append(t.detach().cpu())
             if progress is not None:
                 progress(len(idx))
-        tensors = {k: torch.cat(v) for k, v in parts.items()}
-        for name, t in tensors.items():
-            if t.shape[0] != n:
-                raise ValueError(f"reference cache: '{name}' has {t.shape[0]} rows for {n} samples")
+        local = {k: torch.cat(v) for k, v in parts.items()}
+        for name, t in local.items():
+            if t.shape[0] != per_process:
+                raise ValueError(f"reference cache: '{name}' has {t.shape[0]} rows for {per_process} samples")
+        if world > 1:
+            assert gather is not None
+            order = gather(torch.tensor(share, dtype=torch.long))  # (world · per_process,)
+            tensors = {}
+            for name, t in local.items():
+                everyone = gather(t.float()).to(torch.bool if t.dtype == torch.bool else torch.float32)
+                full = torch.zeros((n,) + tuple(t.shape[1:]), dtype=everyone.dtype)
+                full[order] = everyone  # padded repeats write the same value twice
+                tensors[name] = full
+        else:
+            tensors = {k: v[:n] for k, v in local.items()}
         if is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

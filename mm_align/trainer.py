@@ -34,8 +34,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from mm_align.checkpoint import ADAPTER_STATE_FILE, find_latest, load_checkpoint, save_checkpoint
+from mm_align.checkpoint import ADAPTER_STATE_FILE, find_latest, load_checkpoint, model_state, save_checkpoint
 from mm_align.config import dump_yaml, write_resolved
+from mm_align.distributed import (
+    check_engine,
+    engine,
+    full_state_dict,
+    grad_clip_parameters,
+    load_engine_state,
+    load_model_state,
+    load_optimizer_state,
+    optimizer_state,
+    prepare_reference,
+    save_engine_state,
+    sharded,
+)
 from mm_align.lora import add_lora, lora_disabled
 from mm_align.losses import compute_loss, get_loss
 from mm_align.metrics_log import MetricsLogger
@@ -128,6 +141,11 @@ def _mean_metrics(outputs: list[LossOutput]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([o.metrics[k].float() for o in outputs]).mean() for k in keys}
 
 
+def _optimizer_format(accelerator: Accelerator) -> str:
+    """How a checkpoint's optimiser state is laid out: torch's (by index), FSDP2's full (by name), DeepSpeed's."""
+    return {"fsdp2": "fsdp2-full", "deepspeed": "deepspeed"}.get(engine(accelerator), "torch")
+
+
 def train(
     adapter: PreferenceAdapter,
     records: Sequence[Any],
@@ -155,6 +173,7 @@ def train(
         # a second run in the same single process (a notebook, a test) may change the precision
         AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    check_engine(accelerator)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
@@ -186,10 +205,15 @@ def train(
     scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
     )
+    # `model` is the prepared (possibly wrapped or sharded) module every forward pass goes through;
+    # `base` the unwrapped one, for names and hooks only (under FSDP2 the two are one object).
     model, optimizer = accelerator.prepare(model, optimizer)
     base = accelerator.unwrap_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swapped in sharded parameters
+    clip_params = grad_clip_parameters(accelerator, model, trainable)
     if reference_model is not None:
-        reference_model.to(accelerator.device)
+        reference_model = prepare_reference(accelerator, reference_model)
+    trainable_only = cfg.finetune == "lora"
 
     pos = _Position()
     if cfg.resume_from:
@@ -197,9 +221,18 @@ def train(
         if ckpt is None:
             logger.info(f"resume_from=latest: no checkpoint in {output_dir}; starting fresh", main_process_only=True)
         else:
-            state = load_checkpoint(
-                ckpt, base, optimizer, scheduler, trainable_only=cfg.finetune == "lora", rank=rank
-            )
+            loaded = load_checkpoint(ckpt, base, scheduler, trainable_only=trainable_only, rank=rank)
+            state = loaded.trainer_state
+            saved_engine = state.get("optimizer_format", "torch")
+            if saved_engine != _optimizer_format(accelerator):
+                raise ValueError(
+                    f"{ckpt} holds optimiser state written under {saved_engine!r}; this run is "
+                    f"{_optimizer_format(accelerator)!r}: resume with the engine that wrote it"
+                )
+            load_model_state(accelerator, model, loaded.weights)
+            if loaded.optimizer is not None:
+                load_optimizer_state(accelerator, model, optimizer, loaded.optimizer)
+            load_engine_state(accelerator, model, str(ckpt))
             if state["global_batch"] != cfg.batch_size * world * cfg.gradient_accumulation_steps:
                 raise ValueError(
                     f"{ckpt} was written with a global batch of {state['global_batch']}; this run has "
@@ -218,7 +251,6 @@ def train(
         enabled=is_main,
         resume_step=pos.step if cfg.resume_from else None,
     )
-    trainable_only = cfg.finetune == "lora"
     n = len(records)
     micro_per_epoch = len(epoch_batches(n, 0, cfg.seed, cfg.batch_size, world, rank))
     steps_per_epoch = micro_per_epoch // cfg.gradient_accumulation_steps
@@ -231,11 +263,12 @@ def train(
 
     # ---- the reference pass -------------------------------------------------------------------
     def reference_scores(batch: Any) -> Scores:
+        # through the prepared model: under FSDP2 / ZeRO-3 the unwrapped module holds only a shard
         with torch.no_grad(), accelerator.autocast():
             if reference_model is not None:
                 return adapter.scores(batch, reference_model).detach()
-            with lora_disabled(base):
-                return adapter.scores(batch, base).detach()
+            with lora_disabled(model):
+                return adapter.scores(batch, model).detach()
 
     caches: dict[int | None, ReferenceCache] = {}
 
@@ -256,8 +289,11 @@ def train(
                 _, batch = _Collate(adapter, cfg.seed, key_epoch)(items)
                 return reference_scores(send_to_device(batch, accelerator.device))
 
-            with accelerator.main_process_first():
-                caches[key_epoch] = ReferenceCache.load_or_build(path, n, compute, cfg.batch_size, is_main)
+            # every process scores its share (the passes are collectives under sharding) and the shares are gathered
+            caches[key_epoch] = ReferenceCache.load_or_build(
+                path, n, compute, cfg.batch_size, is_main, rank=rank, world=world,
+                gather=lambda t: accelerator.gather(t.to(accelerator.device)).cpu(),
+            )
         return caches[key_epoch]
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -309,9 +345,11 @@ def train(
             outputs.append(out)
 
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-        grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+        grad_norm = accelerator.clip_grad_norm_(clip_params, max_norm)
         if grad_norm is None:  # backends that clip internally (DeepSpeed) report no norm
             grad_norm = torch.zeros(())
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 reports the norm as a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         finite = finite * torch.isfinite(torch.as_tensor(grad_norm, device=accelerator.device)).float()
         finite = accelerator.reduce(finite, reduction="sum") if world > 1 else finite
         if finite.item() < world:  # every process skips together
@@ -363,36 +401,47 @@ def train(
             window, t_window = [], time.perf_counter()
 
         if cfg.eval_every and eval_records and pos.step % cfg.eval_every == 0:
-            metrics_log.log(pos.step, evaluate(adapter, base, eval_records, cfg, accelerator, reference_model))
+            metrics_log.log(pos.step, evaluate(adapter, model, eval_records, cfg, accelerator, reference_model))
 
         if pos.step % cfg.checkpointing_steps == 0 or pos.step == cfg.max_steps:
+            gathered = full_state_dict(accelerator, model, trainable_only) if sharded(accelerator) else None
+            opt_state = optimizer_state(accelerator, model, optimizer)
             last_ckpt = save_checkpoint(
                 output_dir,
                 pos.step,
-                base,
-                optimizer,
+                model_state(base, trainable_only, gathered) if is_main else {},
+                opt_state,
                 scheduler,
                 {
                     "position": vars(pos).copy(),
                     "global_batch": cfg.batch_size * world * cfg.gradient_accumulation_steps,
                     "loss": cfg.loss,
                     "finetune": cfg.finetune,
+                    "optimizer_format": _optimizer_format(accelerator),
                 },
-                trainable_only=trainable_only,
                 is_main=is_main,
                 rank=rank,
                 barrier=accelerator.wait_for_everyone,
                 keep_last=cfg.checkpoints_total_limit,
                 extra_files={"config.yaml": dump_yaml(run_config if run_config is not None else cfg)},
                 extra_tensors={ADAPTER_STATE_FILE: adapter.state_dict()} if hasattr(adapter, "state_dict") else None,
+                engine_state=(lambda d: save_engine_state(accelerator, model, str(d)))
+                if engine(accelerator) == "deepspeed" else None,
             )
+            del gathered, opt_state
     bar.close()
     metrics_log.close()
 
     final_dir = None
-    if cfg.save_final and is_main:
-        final_dir = output_dir / "final"
-        adapter.save(base, str(final_dir), lora=trainable_only)
+    if cfg.save_final:
+        # sharded weights are gathered whole (a collective) and handed to the adapter's save
+        gathered = full_state_dict(accelerator, model, trainable_only) if sharded(accelerator) else None
+        if is_main:
+            final_dir = output_dir / "final"
+            if gathered is None:
+                adapter.save(base, str(final_dir), lora=trainable_only)
+            else:
+                adapter.save(base, str(final_dir), lora=trainable_only, state_dict=gathered)
     accelerator.wait_for_everyone()
     return TrainResult(output_dir, pos.step, pos.skipped_steps, last_logged, last_ckpt, final_dir, world, is_main)
 

@@ -133,8 +133,15 @@ class PreferenceAdapter(Protocol):
     def fingerprint(self) -> str:
         """A string that changes whenever the base weights or scoring settings change (cache key)."""
 
-    def save(self, model: nn.Module, output_dir: str, lora: bool) -> None:
-        """Write the trained weights in the ecosystem's own format."""
+    def save(self, model: nn.Module, output_dir: str, lora: bool, state_dict: dict[str, Any] | None = None) -> None:
+        """Write the trained weights in the ecosystem's own format.
+
+        Under a sharded engine (FSDP2, DeepSpeed ZeRO) ``model``'s parameters are shards, so the trainer
+        gathers the whole state dict and passes it as ``state_dict`` (keys as ``model.state_dict()``;
+        with LoRA it may hold only the trainable parameters): write from it, not from ``model``. Without
+        sharding the trainer passes nothing. An adapter whose ``save`` takes no ``state_dict`` trains
+        unsharded only.
+        """
 
 
 # What the training loop calls (train()); the rest of the protocol is what the CLI and recipes use.

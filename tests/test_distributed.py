@@ -1,22 +1,41 @@
-"""Two CPU processes (gloo, `accelerate launch --multi_gpu` with ACCELERATE_USE_CPU=true) train to the
-same weights as one process with the same global batch (data order, per-sample seeds and schedule are
-process-count independent)."""
+"""Several processes train to the same weights as one process with the same global batch.
+
+Data order, per-sample seeds and the schedule are process-count independent, so a run on N
+processes must equal a run on one (≤ 1e-5). Engines that run on this CPU machine:
+
+- DDP through the shipped accelerate config (``mm_align/configs/accelerate/ddp.yaml``) on two gloo
+  processes (``ACCELERATE_USE_CPU=true``).
+- FSDP2: accelerate routes FSDP to accelerators only (on a CPU it silently falls back to DDP), while
+  torch's ``fully_shard`` runs on CPU with gloo; ``tests/distributed/fsdp2_on_cpu.py`` makes accelerate
+  report FSDP2 after it has set up gloo, so the trainer goes through accelerate's own FSDP2 preparation,
+  clipping and state-dict gathering. Checked: LoRA with accumulation, exact resume from a sharded
+  checkpoint, full fine-tuning with the prepared (sharded) reference copy, the reference cache scored
+  sharded and gathered.
+- DeepSpeed ZeRO needs a CUDA (or oneCCL) accelerator: not run here; the shipped zero2/zero3 configs are
+  checked to parse into accelerate's DeepSpeed plugin.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 
 from mm_align.data import write_preferences
+from mm_align.orchestration import load_run_config, run_training
+from mm_align.recipes import accelerate_configs
 from mm_align.synthetic import SyntheticWorld
 
+HARNESS = Path(__file__).parent / "distributed" / "fsdp2_on_cpu.py"
 
-def _config(tmp: Path, data: Path, name: str, batch_size: int) -> Path:
+
+def _config(tmp: Path, data: Path, name: str, batch_size: int, **train) -> Path:
     cfg = {
         "adapter": "synthetic",
         "model": {"dim": 8, "n_outcomes": 16, "hidden": 32},
@@ -34,6 +53,8 @@ def _config(tmp: Path, data: Path, name: str, batch_size: int) -> Path:
             "checkpointing_steps": 3,
             "log_every": 1,
             "report_to": ["none"],
+            "cache_dir": str(tmp / "cache"),
+            **train,
         },
     }
     path = tmp / f"{name}.yaml"
@@ -41,25 +62,113 @@ def _config(tmp: Path, data: Path, name: str, batch_size: int) -> Path:
     return path
 
 
-def test_two_processes_equal_one(tmp_path):
-    data = write_preferences(SyntheticWorld(seed=1234).pairs(256, seed=1), tmp_path / "train.jsonl")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29731"}
-    one = subprocess.run(
-        [sys.executable, "-m", "mm_align.cli", "train", "--config", str(_config(tmp_path, data, "one", 8))],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "29731",
-         "-m", "mm_align.cli", "train", "--config", str(_config(tmp_path, data, "two", 4))],
-        env={**env, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+def _env(port: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), "ACCELERATE_USE_CPU": "true"}
+
+
+def _check(run: subprocess.CompletedProcess) -> None:
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
     # both ranks really ran (accelerate's own `--cpu --num_processes 2` silently runs a single process)
-    assert two.stdout.count("trained 6 steps (0 skipped) on 2 process(es)") == 1, two.stdout
-    a = load_file(str(tmp_path / "one" / "final" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "final" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and a
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
-    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # it did train
+    assert run.stdout.count("on 2 process(es)") == 1, run.stdout
+
+
+def _fsdp2(config: Path, port: int, *overrides: str) -> None:
+    _check(subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(HARNESS), "train", "--config", str(config), *overrides],
+        env=_env(port), capture_output=True, text=True, timeout=300,
+    ))
+
+
+def _one(config: Path, *overrides: str) -> None:
+    run_training(load_run_config(config, overrides))
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    x, y = load_file(str(a)), load_file(str(b))
+    assert x.keys() == y.keys() and x
+    assert all(x[k].shape == y[k].shape for k in x)  # whole tensors, not shards
+    return max((x[k] - y[k]).abs().max().item() for k in x)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_preferences(SyntheticWorld(seed=1234).pairs(256, seed=1), tmp_path_factory.mktemp("d") / "t.jsonl")
+
+
+def test_ddp_config_two_processes_equal_one(tmp_path, data):
+    _one(_config(tmp_path, data, "one", 8))
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_configs()["ddp"]),
+         "--main_process_port", "29731", "-m", "mm_align.cli", "train", "--config",
+         str(_config(tmp_path, data, "two", 4))],
+        env=_env(29731), capture_output=True, text=True, timeout=300,
+    )
+    _check(two)
+    lora = "final/adapter_model.safetensors"
+    assert _max_diff(tmp_path / "one" / lora, tmp_path / "two" / lora) <= 1e-5
+    assert any(v.abs().sum() > 0 for k, v in load_file(str(tmp_path / "one" / lora)).items() if "lora_B" in k)
+
+
+def test_fsdp2_lora_equals_one_process_and_resumes_exactly_from_a_sharded_checkpoint(tmp_path, data):
+    _one(_config(tmp_path, data, "one", 8))
+    _fsdp2(_config(tmp_path, data, "two", 4), 29732)
+    lora = "final/adapter_model.safetensors"
+    assert _max_diff(tmp_path / "one" / lora, tmp_path / "two" / lora) <= 1e-5
+    # the sharded run's checkpoint holds whole tensors, like the one-process run's
+    ckpt = "checkpoint-3/model.safetensors"
+    assert _max_diff(tmp_path / "one" / ckpt, tmp_path / "two" / ckpt) <= 1e-5
+    # resume under FSDP2 from checkpoint-3 (weights, sharded optimiser state, schedule, data position)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "two" / "checkpoint-3", resumed / "checkpoint-3")
+    _fsdp2(_config(tmp_path, data, "resumed", 4, resume_from="latest"), 29733)
+    assert _max_diff(tmp_path / "two" / lora, resumed / lora) <= 1e-6
+
+
+def test_fsdp2_full_finetune_with_the_prepared_reference_copy(tmp_path, data):
+    kw = {"finetune": "full", "learning_rate": 1e-3}
+    _one(_config(tmp_path, data, "one", 8, **kw))
+    _fsdp2(_config(tmp_path, data, "two", 4, **kw), 29734)
+    weights = "final/model.safetensors"
+    assert _max_diff(tmp_path / "one" / weights, tmp_path / "two" / weights) <= 1e-5
+
+
+def test_fsdp2_reference_cache_is_scored_sharded_and_gathered(tmp_path, data):
+    _one(_config(tmp_path, data, "one", 8))  # live reference
+    _fsdp2(_config(tmp_path, data, "two", 4, precompute_reference=True), 29735)
+    lora = "final/adapter_model.safetensors"
+    assert _max_diff(tmp_path / "one" / lora, tmp_path / "two" / lora) <= 1e-5
+    caches = list((tmp_path / "cache").glob("ref-*.safetensors"))
+    assert len(caches) == 1
+    sharded_cache = load_file(str(caches[0]))
+    caches[0].unlink()
+    _one(_config(tmp_path, data, "three", 8, precompute_reference=True))  # the same cache, one process
+    single = load_file(str(next((tmp_path / "cache").glob("ref-*.safetensors"))))
+    assert sharded_cache.keys() == single.keys()
+    assert all((sharded_cache[k] - single[k]).abs().max() <= 1e-6 for k in single)
+    assert single["chosen"].shape == (256,)
+
+
+@pytest.mark.parametrize("name, stage", [("zero2", 2), ("zero3", 3)])
+def test_deepspeed_configs_parse_into_accelerates_plugin(name, stage):
+    cfg = yaml.safe_load(accelerate_configs()[name].read_text())
+    assert cfg["distributed_type"] == "DEEPSPEED"
+    assert cfg["deepspeed_config"]["zero_stage"] == stage
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(accelerate_configs()[name]))
+    assert loaded.deepspeed_config["zero_stage"] == stage
+
+
+def test_fsdp_version_1_is_refused_with_the_fix_named():
+    from accelerate.utils import DistributedType
+
+    from mm_align.distributed import check_engine
+
+    class _Acc:
+        distributed_type = DistributedType.FSDP
+        is_fsdp2 = False
+
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        check_engine(_Acc())

@@ -1,0 +1,171 @@
+"""What the training loop needs to know about the engine that runs it: one process, DDP, FSDP2 or DeepSpeed ZeRO.
+
+accelerate prepares the model; these helpers hide where the engines differ so the loop in
+:mod:`mm_align.trainer` reads the same for all of them:
+
+- **Whole weights from sharded ones.** :func:`full_state_dict` gathers the model's state dict
+  (``accelerator.get_state_dict``: FSDP2's full state dict, ZeRO-3's consolidated 16-bit weights);
+  every process must call it, the main process gets the whole tensors. Checkpoints and the final
+  save are written from it, so a checkpoint of a sharded run is the same file as a 1-process one.
+- **Optimiser state.** DDP and one process: ``optimizer.state_dict()`` (identical on every rank).
+  FSDP2: torch's full optimiser state dict keyed by parameter name
+  (``torch.distributed.checkpoint.state_dict``), gathered for saving and scattered back on load, so a
+  resumed sharded run continues exactly. DeepSpeed keeps the optimiser inside its engine:
+  :func:`save_engine_state` / :func:`load_engine_state` write and read DeepSpeed's own checkpoint
+  beside ours.
+- **The reference.** The reference pass runs through the PREPARED model (with the LoRA adapters
+  disabled), never the unwrapped module: under FSDP2 or ZeRO-3 the unwrapped module holds only this
+  process's shard. The full-fine-tune reference copy is prepared for the engine too
+  (:func:`prepare_reference`): sharded under FSDP2 and ZeRO-3, a plain copy on the device otherwise.
+
+FSDP (version 1) is refused with a message pointing at FSDP2: LoRA needs ``use_orig_params`` and
+mixed frozen/trainable flat parameters there, which FSDP2's per-parameter sharding does not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+
+__all__ = [
+    "Engine",
+    "engine",
+    "check_engine",
+    "sharded",
+    "full_state_dict",
+    "optimizer_state",
+    "load_model_state",
+    "load_optimizer_state",
+    "prepare_reference",
+    "grad_clip_parameters",
+    "save_engine_state",
+    "load_engine_state",
+]
+
+Engine = Literal["single", "ddp", "fsdp2", "deepspeed"]
+
+
+def engine(accelerator: Accelerator) -> Engine:
+    """The engine running this process: ``single``, ``ddp`` (multi-process data parallel), ``fsdp2``, ``deepspeed``."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    if kind == DistributedType.FSDP:
+        return "fsdp2"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def check_engine(accelerator: Accelerator) -> None:
+    """Refuse FSDP version 1 (see the module docstring) with a message that names the fix."""
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ValueError(
+            "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+            "(mm_align/configs/accelerate/fsdp.yaml is a working one)"
+        )
+
+
+def sharded(accelerator: Accelerator) -> bool:
+    """True when parameters are split across processes (FSDP2, DeepSpeed), so whole weights must be gathered."""
+    return engine(accelerator) in ("fsdp2", "deepspeed")
+
+
+def full_state_dict(
+    accelerator: Accelerator, model: nn.Module, trainable_only: bool = False
+) -> dict[str, torch.Tensor]:
+    """The whole state dict of a prepared ``model``; call on EVERY process (a collective when sharded).
+
+    The main process gets whole tensors (on the CPU for FSDP2); under DDP or one process this is
+    the unwrapped module's own state dict, no copy. ``trainable_only`` gathers only the parameters
+    that require grad under FSDP2 (the LoRA weights, not the frozen base); elsewhere the caller filters.
+    """
+    if engine(accelerator) == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        return get_model_state_dict(model, options=options)
+    return accelerator.get_state_dict(model)
+
+
+def optimizer_state(accelerator: Accelerator, model: nn.Module, optimizer: Any) -> dict[str, Any] | None:
+    """The optimiser state to checkpoint; call on every process. None under DeepSpeed (its engine saves it)."""
+    kind = engine(accelerator)
+    if kind == "deepspeed":
+        return None
+    if kind == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, _inner(optimizer), options=options)
+    return optimizer.state_dict()
+
+
+def load_model_state(accelerator: Accelerator, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load (a subset of) whole weights into a prepared model, sharding them where the engine shards."""
+    kind = engine(accelerator)
+    if kind == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    accelerator.unwrap_model(model).load_state_dict(state, strict=False)
+
+
+def load_optimizer_state(accelerator: Accelerator, model: nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
+    """The inverse of :func:`optimizer_state` (not used under DeepSpeed)."""
+    if engine(accelerator) == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, _inner(optimizer), state, options=StateDictOptions(full_state_dict=True))
+        return
+    optimizer.load_state_dict(state)
+
+
+def grad_clip_parameters(accelerator: Accelerator, model: nn.Module, trainable: list[nn.Parameter]) -> list:
+    """The parameter list to hand ``accelerator.clip_grad_norm_``.
+
+    FSDP2 replaces the module's parameters with sharded ones when it is prepared, and accelerate's
+    FSDP clipping recognises a model only by its full parameter list; elsewhere, the trainable ones.
+    """
+    return list(model.parameters()) if engine(accelerator) == "fsdp2" else trainable
+
+
+def prepare_reference(accelerator: Accelerator, reference: nn.Module) -> nn.Module:
+    """A frozen full-fine-tune reference copy made ready for the engine (sharded where the policy is)."""
+    kind = engine(accelerator)
+    if kind == "fsdp2":
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, reference.to(accelerator.device))
+    if kind == "deepspeed":
+        import deepspeed
+
+        config = dict(accelerator.state.deepspeed_plugin.deepspeed_config)
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        # an inference engine: ZeRO-3 shards the copy like the policy; below 3 a whole copy per process
+        config["zero_optimization"] = {"stage": 3 if stage == 3 else 0}
+        config.pop("optimizer", None), config.pop("scheduler", None)
+        engine_, *_ = deepspeed.initialize(model=reference, config=config)
+        engine_.eval()
+        return engine_
+    return reference.to(accelerator.device)
+
+
+def save_engine_state(accelerator: Accelerator, model: Any, directory: str) -> None:
+    """DeepSpeed only: its engine's own checkpoint (sharded optimiser state) under ``directory``; every process."""
+    if engine(accelerator) == "deepspeed":
+        model.save_checkpoint(directory, tag="engine")
+
+
+def load_engine_state(accelerator: Accelerator, model: Any, directory: str) -> None:
+    """DeepSpeed only: read back what :func:`save_engine_state` wrote (optimiser state; weights too)."""
+    if engine(accelerator) == "deepspeed":
+        model.load_checkpoint(directory, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False)
+
+
+def _inner(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimiser inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
