@@ -22,13 +22,16 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mm_align.image.generate import build_scorers, image_seed, read_prompts, resolve_model
+from mm_align.image.evaluators import build_scorers
+from mm_align.image.generate import image_seed, read_prompts
+from mm_align.image.image_io import png_bytes
+from mm_align.image.sampling import SamplerConfig, add_sampler_args, sampler_from_args
+from mm_align.image.toyworld.shapes import resolve_model
 from PIL import Image
 
 from mm_align.atomic import atomic_write_json, atomic_write_text
@@ -71,8 +74,6 @@ def bench(model: str, prompts: list[str], variants: list[Variant], evaluators: l
           sampler: Any = None, seed: int = 0, baseline: str = "base", runs: dict[str, str] | None = None,
           grid_prompts: int = 24) -> dict:
     """Sample every variant on ``prompts``, score, compare with ``baseline``; write JSON, Markdown, HTML."""
-    from mm_align.image.sampling import SamplerConfig
-
     sampler = sampler or SamplerConfig()
     if baseline not in {v.name for v in variants}:
         raise ValueError(f"--baseline {baseline!r} is not one of the variants {[v.name for v in variants]}")
@@ -137,9 +138,8 @@ def results_markdown(results: dict) -> str:
 
 
 def _uri(image: Image.Image, scale: int = 3) -> str:
-    buf = io.BytesIO()
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    data = png_bytes(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
+    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 def _write_html(path: Path, results: dict, prompts: list[str], images: dict, scores: dict, runs: dict[str, str],
@@ -201,8 +201,6 @@ def _md_table_html(markdown: str) -> str:
 
 def bench_main(argv: list[str]) -> int:
     """The ``mm-align bench image`` command line."""
-    from mm_align.image.sampling import SamplerConfig
-
     p = argparse.ArgumentParser(prog="mm-align bench image", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="diffusers model directory or hub id ('shapes' = the shipped one)")
     p.add_argument("--prompts", default="shapes:heldout")
@@ -214,15 +212,11 @@ def bench_main(argv: list[str]) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompts", type=int, default=None)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    add_sampler_args(p)
     args = p.parse_args(argv)
     variants = [Variant("base", "base")] + [parse_variant(v) for v in args.variant if v != "base"]
     runs = dict(r.split("=", 1) for r in args.run)
-    sampler = SamplerConfig(steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-                            device=args.device)
+    sampler = sampler_from_args(args)
     prompts = read_prompts(args.prompts)[: args.max_prompts]
     results = bench(resolve_model(args.model), prompts, variants, build_scorers(args.evaluator), Path(args.out),
                     sampler, args.seed, args.baseline, runs)

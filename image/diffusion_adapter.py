@@ -28,7 +28,6 @@ second, and ``add_time_ids`` = (original size, crop top-left, target size) of ea
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import shutil
@@ -36,9 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from PIL import Image
+from mm_align.image.image_io import image_to_tensor, load_image
 from torch import nn
 
 from mm_align.config import from_dict, option
@@ -80,38 +78,6 @@ class DiffusionModelConfig:
             raise ValueError(f"reward_keys must name two meta keys (chosen, rejected), got {self.reward_keys}")
 
 
-def load_image(value: Any, base_dir: Path | None = None) -> Image.Image:
-    """An RGB PIL image from a path, raw bytes (e.g. a Pick-a-Pic ``jpg_0`` cell) or a PIL image."""
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value)).convert("RGB")
-    if isinstance(value, dict) and "bytes" in value:  # HF datasets Image feature, undecoded
-        return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
-    if isinstance(value, str):
-        path = Path(value)
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        return Image.open(path).convert("RGB")
-    raise ValueError(f"cannot read an image from a {type(value).__name__}")
-
-
-def image_to_tensor(image: Image.Image, resolution: int) -> tuple[torch.Tensor, tuple[int, int, int, int, int, int]]:
-    """Resize the shorter side to ``resolution``, centre-crop, scale to [−1, 1]: ``(3, R, R)``.
-
-    Also returns SDXL's micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, R, R)``.
-    """
-    orig_w, orig_h = image.size
-    w, h = image.size
-    scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3)
-    return torch.from_numpy(array).permute(2, 0, 1), (orig_h, orig_w, top, left, resolution, resolution)
-
-
 class StableDiffusionAdapter:
     """:class:`~mm_align.types.PreferenceAdapter` for SD1.5-type and SDXL-type diffusers pipelines."""
 
@@ -122,7 +88,7 @@ class StableDiffusionAdapter:
     # data.format values this modality reads itself: name -> "module:reader(path, strict=, kind=, **data.options)"
     dataset_formats = {
         "pickapic": "mm_align.image.pickapic:read_pickapic",
-        "pair_folders": "mm_align.image.converters:read_pair_folders",
+        "pair_folders": "mm_align.image.pair_readers:read_pair_folders",
         "captions": "mm_align.image.text_preference:read_captions",  # TDPO / TKTO: captioned images, perturbed
     }
 

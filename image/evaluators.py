@@ -24,6 +24,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mm_align.image.image_io import load_image
+from mm_align.image.pair_readers import read_image_pairs
 from mm_align.image.sampling import resolve_device
 from PIL import Image
 
@@ -31,7 +33,8 @@ from mm_align.config import ConfigError, from_dict, option
 
 __all__ = [
     "Evaluator", "ClipScoreConfig", "ClipScore", "HPSv2Config", "HPSv2", "PickScoreConfig", "PickScore",
-    "AestheticConfig", "AestheticScore", "EVALUATORS", "build_evaluator", "evaluate_main", "resolve_weights_file",
+    "AestheticConfig", "AestheticScore", "EVALUATORS", "build_evaluator", "build_scorers", "evaluate_main",
+    "parse_evaluator_arg", "resolve_weights_file",
 ]
 
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -320,6 +323,47 @@ def build_evaluator(spec: dict[str, Any]) -> Any:
     return evaluator_cls(from_dict(config_cls, spec, path=f"evaluator.{kind}"))
 
 
+def parse_evaluator_arg(text: str) -> dict[str, Any]:
+    """``type:key=value,key=value`` → ``{"type": ..., key: value}`` (values parsed as YAML scalars)."""
+    import yaml
+
+    kind, _, rest = text.partition(":")
+    spec: dict[str, Any] = {"type": kind.strip()}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"evaluator option {item!r} in {text!r} is not key=value")
+        spec[key.strip()] = yaml.safe_load(value)
+    return spec
+
+
+def build_scorers(specs: list[str]) -> list[Any]:
+    """Evaluators from ``--evaluator`` arguments: ``shapes_oracle``, ``shapes_oracle_attributes`` or any type of
+    :data:`EVALUATORS` (``type:key=value,...``).
+
+    Raises:
+        ValueError: two evaluators share a name, or an option is not ``key=value``.
+        ConfigError: an unknown evaluator type or key (see :func:`build_evaluator`).
+    """
+    out = []
+    for text in specs:
+        spec = parse_evaluator_arg(text)
+        if spec["type"] == "shapes_oracle":
+            from mm_align.image.toyworld.shapes import ShapesOracle
+
+            out.append(ShapesOracle())
+        elif spec["type"] == "shapes_oracle_attributes":
+            from mm_align.image.toyworld.shapes import ShapesOracleAttributes
+
+            out.append(ShapesOracleAttributes())
+        else:
+            out.append(build_evaluator(spec))
+    names = [e.name for e in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two evaluators share a name: {names}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # mm-align evaluate image
 # ---------------------------------------------------------------------------------------------------
@@ -347,8 +391,6 @@ def _sample_rows(path: Path) -> tuple[list[dict[str, Any]], Path]:
 
 
 def _open(image: str, base: Path) -> Image.Image:
-    from mm_align.image.diffusion_adapter import load_image
-
     try:
         return load_image(image, base)
     except (OSError, ValueError) as err:  # missing file, not an image: name it before any output is written
@@ -378,8 +420,6 @@ def evaluate(path: str | Path, evaluators: list[Any], out: Path | None = None, b
     scored, plus the evaluator's agreement with the label (``score(chosen) > score(rejected)``; ties
     counted apart), with a Wilson 95% interval — the usual check that a scorer tracks human preference.
     """
-    from mm_align.image.diffusion_adapter import load_image
-
     from mm_align.stats import mean_interval, win_rate
 
     path = Path(path)
@@ -399,8 +439,6 @@ def evaluate(path: str | Path, evaluators: list[Any], out: Path | None = None, b
                                             mean_interval([r["scores"][e.name] for r in scored])))
                            for e in evaluators}
     else:
-        from mm_align.image.converters import read_image_pairs
-
         result = read_image_pairs(path)
         pairs = result.records
         for s in _batches(len(pairs), batch):
@@ -431,8 +469,6 @@ def evaluate(path: str | Path, evaluators: list[Any], out: Path | None = None, b
 
 def evaluate_main(argv: list[str]) -> int:
     """``mm-align evaluate image``: score samples or preference pairs with one or more evaluators."""
-    from mm_align.image.generate import build_scorers
-
     p = argparse.ArgumentParser(prog="mm-align evaluate image", description=evaluate_main.__doc__)
     p.add_argument("input", help="samples (generate output dir / jsonl of image+prompt) or pairs (Pick-a-Pic "
                                  "parquet, pair folders, jsonl pairs)")

@@ -19,13 +19,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
-import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mm_align.image.evaluators import build_scorers, parse_evaluator_arg
+from mm_align.image.image_io import png_bytes
+from mm_align.image.sampling import SamplerConfig, add_sampler_args, sampler_from_args
 from mm_align.image.toyworld.shapes import resolve_model
 from PIL import Image
 from tqdm.auto import tqdm
@@ -33,7 +35,9 @@ from tqdm.auto import tqdm
 from mm_align.atomic import atomic_write_json, atomic_write_text
 from mm_align.data.pairs import Candidate, MetricRule, build_pairs
 
-__all__ = ["generate_main", "read_prompts", "image_seed", "parse_evaluator_arg", "GenerateResult"]
+# build_scorers and parse_evaluator_arg live in mm_align.image.evaluators; importable from here as before
+__all__ = ["generate_main", "generate", "read_prompts", "image_seed", "build_scorers", "parse_evaluator_arg",
+           "GenerateResult"]
 
 
 def image_seed(seed: int, prompt: str, k: int) -> int:
@@ -70,44 +74,6 @@ def read_prompts(source: str) -> list[str]:
     return list(dict.fromkeys(prompts))  # duplicates would share seeds: keep the first
 
 
-def parse_evaluator_arg(text: str) -> dict[str, Any]:
-    """``type:key=value,key=value`` → ``{"type": ..., key: value}`` (values parsed as YAML scalars)."""
-    import yaml
-
-    kind, _, rest = text.partition(":")
-    spec: dict[str, Any] = {"type": kind.strip()}
-    for item in filter(None, (x.strip() for x in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"evaluator option {item!r} in {text!r} is not key=value")
-        spec[key.strip()] = yaml.safe_load(value)
-    return spec
-
-
-def build_scorers(specs: list[str]) -> list[Any]:
-    """Evaluators from ``--evaluator`` arguments: ``shapes_oracle``, ``shapes_oracle_attributes`` or any type of
-    :mod:`mm_align.image.evaluators`."""
-    out = []
-    for text in specs:
-        spec = parse_evaluator_arg(text)
-        if spec["type"] == "shapes_oracle":
-            from mm_align.image.toyworld.shapes import ShapesOracle
-
-            out.append(ShapesOracle())
-        elif spec["type"] == "shapes_oracle_attributes":
-            from mm_align.image.toyworld.shapes import ShapesOracleAttributes
-
-            out.append(ShapesOracleAttributes())
-        else:
-            from mm_align.image.evaluators import build_evaluator
-
-            out.append(build_evaluator(spec))
-    names = [e.name for e in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two evaluators share a name: {names}")
-    return out
-
-
 @dataclass
 class GenerateResult:
     samples: int
@@ -136,7 +102,7 @@ def generate(model: str, prompts: list[str], out: Path, evaluators: list[Any], s
              seed: int = 0, lora: str | None = None, sampler: Any = None, margins: dict[str, float] | None = None,
              strategy: str = "best_vs_worst", prompts_per_chunk: int = 16) -> GenerateResult:
     """Sample, score, pair and write (see the module docstring); returns the counts."""
-    from mm_align.image.sampling import SamplerConfig, load_pipeline, sample_images
+    from mm_align.image.sampling import load_pipeline, sample_images  # looked up per call (tests replace them)
 
     if samples_per_prompt < 2:
         raise ValueError("--samples-per-prompt must be at least 2 to build pairs")
@@ -209,9 +175,8 @@ def _write_pairs(out: Path, result: Any, model: str) -> None:
         for side, row in (("chosen", chosen), ("rejected", rejected)):
             Image.open(out / row["file"]).save(d / f"{side}.png")
         for col, row in (("jpg_0", chosen), ("jpg_1", rejected)):
-            buf = io.BytesIO()
-            Image.open(out / row["file"]).save(buf, format="PNG")
-            rows[col].append(buf.getvalue())
+            with Image.open(out / row["file"]) as image:
+                rows[col].append(png_bytes(image))
         rows["caption"].append(pair.group)
         rows["label_0"].append(1.0)
         rows["label_1"].append(0.0)
@@ -237,8 +202,6 @@ def _write_pairs(out: Path, result: Any, model: str) -> None:
 
 def generate_main(argv: list[str]) -> int:
     """The ``mm-align generate image`` command line."""
-    from mm_align.image.sampling import SamplerConfig
-
     p = argparse.ArgumentParser(prog="mm-align generate image", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="diffusers model directory or hub id ('shapes' = the shipped one)")
     p.add_argument("--lora", default=None, help="a LoRA directory (diffusers format) fused into the model")
@@ -250,10 +213,7 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--strategy", choices=("best_vs_worst", "all_pairs"), default="best_vs_worst")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompts", type=int, default=None)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    add_sampler_args(p)
     args = p.parse_args(argv)
     margins = {}
     for m in args.margin:
@@ -263,8 +223,7 @@ def generate_main(argv: list[str]) -> int:
         margins[name] = float(value)
     model = resolve_model(args.model)
     prompts = read_prompts(args.prompts)[: args.max_prompts]
-    sampler = SamplerConfig(steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-                            device=args.device)
+    sampler = sampler_from_args(args)
     result = generate(model, prompts, Path(args.out), build_scorers(args.evaluator), args.samples_per_prompt,
                       args.seed, args.lora, sampler, margins, args.strategy)
     print(f"{result.new_prompts} prompts sampled, {result.skipped_prompts} already done; "

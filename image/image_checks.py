@@ -34,10 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mm_align.image.pickapic import check_image_bytes
+from mm_align.image.image_io import IMAGE_EXTENSIONS
+from mm_align.image.pair_readers import detect_image_format, iter_pair_folder_rows
+from mm_align.image.pickapic import check_image_bytes, pickapic_row
 from PIL import Image
 
-from mm_align.data import PreferencePair, RecordCheck, UnpairedSample
+from mm_align.data import DataError, PreferencePair, RecordCheck, UnpairedSample, doctor
 
 __all__ = [
     "image_doctor",
@@ -56,8 +58,6 @@ MIN_SIDE = 64
 """Default ``tiny_image`` threshold: the shorter side must be at least this many pixels."""
 MAX_ASPECT = 4.0
 """Default ``odd_size_image`` threshold: long side / short side must be at most this."""
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-"""Suffixes (case-insensitive) that make a string an image path; all are in the doctor's ``FILE_EXTENSIONS``."""
 
 Record = PreferencePair | UnpairedSample
 
@@ -238,11 +238,6 @@ def image_doctor(path: str | Path, format: str = "auto", kind: str = "paired") -
     pair-folder walker; other data goes through the core formats. ``format`` may also name
     ``pickapic`` or ``pair_folders`` directly.
     """
-    from mm_align.image.converters import detect_image_format, iter_pair_folder_rows
-    from mm_align.image.pickapic import pickapic_row
-
-    from mm_align.data import DataError, doctor
-
     fmt = format
     if format == "auto":
         try:

@@ -9,6 +9,8 @@ default; classifier-free guidance, or negative-preference guidance when an NPO L
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,9 @@ from PIL import Image
 
 from mm_align.config import option
 
-__all__ = ["SamplerConfig", "load_pipeline", "sample_images", "resolve_device"]
+__all__ = [
+    "SamplerConfig", "add_sampler_args", "load_pipeline", "resolve_device", "sample_images", "sampler_from_args",
+]
 
 
 @dataclass
@@ -32,6 +36,36 @@ class SamplerConfig:
     resolution: int | None = option(None, help="Image side in pixels; None = the model's own.")
     device: str = option("auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     dtype: str = option("float32", help="float32, float16 or bfloat16 for the whole pipeline.")
+
+
+# SamplerConfig field -> (argparse type, choices); the flag is the field name with dashes (--guidance-scale)
+_SAMPLER_FLAGS: dict[str, tuple[type, tuple[str, ...] | None]] = {
+    "steps": (int, None),
+    "guidance_scale": (float, None),
+    "negative_prompt": (str, None),
+    "batch_size": (int, None),
+    "resolution": (int, None),
+    "device": (str, None),
+    "dtype": (str, ("float32", "float16", "bfloat16")),
+}
+
+
+def add_sampler_args(parser: argparse.ArgumentParser) -> None:
+    """Add the sampler flags (``--steps``, ``--guidance-scale``, ``--batch-size``, ``--device``, ...) to ``parser``.
+
+    One flag per :class:`SamplerConfig` field, with its default and help; read them back with
+    :func:`sampler_from_args`. Used by ``mm-align generate image`` and ``mm-align bench image``.
+    """
+    group = parser.add_argument_group("sampler", "how images are drawn")
+    for f in dataclasses.fields(SamplerConfig):
+        kind, choices = _SAMPLER_FLAGS[f.name]
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, choices=choices,
+                           default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def sampler_from_args(args: argparse.Namespace) -> SamplerConfig:
+    """The :class:`SamplerConfig` of flags added by :func:`add_sampler_args`."""
+    return SamplerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerConfig)})
 
 
 def resolve_device(device: str) -> torch.device:

@@ -11,16 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from mm_align.image.converters import (
-    convert,
-    convert_main,
-    detect_image_format,
-    read_image_pairs,
-    read_pair_folders,
-    write_image_jsonl,
-    write_pair_folders,
-    write_pickapic,
-)
+from mm_align.image.converters import convert, convert_main
+from mm_align.image.pair_readers import detect_image_format, read_image_pairs, read_pair_folders
+from mm_align.image.pair_writers import write_image_jsonl, write_pair_folders, write_pickapic
 from mm_align.image.pickapic import read_pickapic
 from PIL import Image
 

@@ -209,7 +209,7 @@ def test_build_errors_name_the_problem(tmp_path):
 
 
 def test_evaluate_samples_and_pair_agreement(clip_dir, tmp_path):
-    from mm_align.image.converters import write_pair_folders
+    from mm_align.image.pair_writers import write_pair_folders
 
     from mm_align.data.records import PreferencePair
 

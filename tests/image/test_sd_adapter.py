@@ -134,7 +134,7 @@ def test_mm_align_train_cli_loads_the_model_dir(tmp_path, model_dir, image_dir):
 def test_image_to_tensor_crop_and_sdxl_time_ids():
     """20×24 (h×w) image at 16 px: shorter side 20 → 16, so 24 → 19; centre crop left = (19 − 16) // 2 = 1.
     SDXL add_time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) = (20, 24, 0, 1, 16, 16)."""
-    from mm_align.image.diffusion_adapter import image_to_tensor
+    from mm_align.image.image_io import image_to_tensor
 
     pixels, ids = image_to_tensor(Image.new("RGB", (24, 20), (255, 0, 0)), 16)
     assert pixels.shape == (3, 16, 16) and ids == (20, 24, 0, 1, 16, 16)

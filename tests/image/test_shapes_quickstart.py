@@ -6,8 +6,7 @@ import json
 import random
 
 import numpy as np
-from mm_align.image.evaluators import build_evaluator
-from mm_align.image.generate import parse_evaluator_arg
+from mm_align.image.evaluators import build_evaluator, parse_evaluator_arg
 from mm_align.image.quickstart import ShapesQuickstart, run_shapes_quickstart, shapes_scorer_spec
 from mm_align.image.toyworld.shapes import (
     WEIGHTS_DIR,

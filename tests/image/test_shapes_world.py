@@ -83,7 +83,7 @@ def test_oracle_on_an_empty_image_and_as_an_evaluator():
 
 
 def test_attribute_oracle_counts_right_attributes_so_equally_right_images_tie():
-    from mm_align.image.generate import build_scorers
+    from mm_align.image.evaluators import build_scorers
 
     s = ShapeSpec("red", "circle", "white")
     right, other_seed = render(s, 32, 0), render(s, 32, 1).filter(ImageFilter.GaussianBlur(1.2))
