@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = {"loop_overhead": "loop_overhead", "image_step": "image_step", "image_shapes": "image_shapes"}
+BENCHMARKS = {"loop_overhead": "loop_overhead", "image_step": "image_step", "image_shapes": "image_shapes",
+              "fingerprint": "fingerprint"}
 
 
 def main(argv: list[str] | None = None) -> int:

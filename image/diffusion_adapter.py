@@ -41,7 +41,7 @@ from torch import nn
 
 from mm_align.config import from_dict, option
 from mm_align.data import PreferencePair, UnpairedSample
-from mm_align.reference_cache import model_fingerprint
+from mm_align.fingerprint import pretrained_fingerprint
 from mm_align.scores import denoising_error
 from mm_align.types import Scores
 
@@ -129,7 +129,12 @@ class StableDiffusionAdapter:
             self.model.enable_gradient_checkpointing()
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.base_dir: Path | None = None
-        self._fingerprint = model_fingerprint(config, self.model)  # the base weights, before LoRA
+        self._fingerprint = pretrained_fingerprint(  # the files of every component that shapes a score, by content
+            config, src, ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+            + (["text_encoder_2", "tokenizer_2"] if self.is_sdxl else []), revision=config.revision,
+            modules={"unet": self.model, "vae": self.vae, "text_encoder": self.text_encoder,
+                     "text_encoder_2": self.text_encoder_2},  # hashed only when no weights files are found
+        )
 
     @classmethod
     def from_config(cls, data: dict[str, Any]) -> StableDiffusionAdapter:

@@ -25,8 +25,8 @@ from torch import nn
 
 from mm_align.config import from_dict, option
 from mm_align.data import PreferencePair, UnpairedSample
+from mm_align.fingerprint import state_dict_fingerprint
 from mm_align.lora import lora_state_dict
-from mm_align.reference_cache import model_fingerprint
 from mm_align.types import Scores
 
 __all__ = ["SyntheticModelConfig", "SyntheticPolicy", "SyntheticWorld", "SyntheticAdapter", "preference_accuracy"]
@@ -139,7 +139,7 @@ class SyntheticAdapter:
         self.n_outcomes = self.model.config["n_outcomes"]
         self.stochastic_scores = c.noise_scale > 0
         self.lora_target_modules = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
-        self._fingerprint = model_fingerprint(c, self.model)  # the base weights, before LoRA
+        self._fingerprint = state_dict_fingerprint(c, self.model)  # the base weights (in memory), before LoRA
 
     @classmethod
     def from_config(cls, data: dict[str, Any]) -> SyntheticAdapter:
