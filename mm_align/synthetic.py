@@ -62,11 +62,12 @@ class SyntheticPolicy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, d) -> (B, K)
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps(self.config, indent=2))
-        weights = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = state_dict if state_dict is not None else self.state_dict()
+        weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(weights, str(directory / "model.safetensors"))
 
     @classmethod
@@ -187,12 +188,15 @@ class SyntheticAdapter:
             chosen, rejected = chosen + noise[:, 0], rejected + noise[:, 1]
         return Scores("logp", chosen, rejected, n_tokens_chosen=ones, n_tokens_rejected=ones)
 
-    def save(self, model: nn.Module, output_dir: str, lora: bool) -> None:
+    def save(self, model: nn.Module, output_dir: str, lora: bool, state_dict: dict | None = None) -> None:
+        """LoRA weights (peft naming) or the whole policy; ``state_dict`` is the gathered one under sharding."""
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         if lora:
-            save_file(lora_state_dict(model), str(out / "adapter_model.safetensors"))
+            save_file(lora_state_dict(model, state_dict), str(out / "adapter_model.safetensors"))
             (out / "adapter_config.json").write_text(json.dumps({"base": asdict(self.config)}, indent=2))
+        elif state_dict is not None:
+            model.save_pretrained(out, state_dict=state_dict)  # type: ignore[operator]
         else:
             model.save_pretrained(out)  # type: ignore[operator]
 
