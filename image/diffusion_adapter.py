@@ -330,32 +330,52 @@ class StableDiffusionAdapter:
     def save(self, model: nn.Module, output_dir: str, lora: bool) -> None:
         """LoRA in the diffusers format (``pipeline.load_lora_weights(dir)`` loads it), or the full UNet.
 
+        The LoRA file carries peft's adapter config (rank, alpha, targets) as diffusers' LoRA adapter
+        metadata, so plain diffusers loads it at its trained scale ``alpha / r``; without it diffusers
+        assumes ``alpha = r``.
+
         With ``save_merged``, also the whole pipeline with the LoRA fused into the UNet
         (``DiffusionPipeline.from_pretrained(dir/merged)``): loaded, fused and unloaded by diffusers itself,
-        so the merged weights are exactly what plain diffusers makes of the saved LoRA.
+        so the merged weights are exactly what plain diffusers makes of the saved LoRA. The base pipeline
+        (``model.pretrained``, ``shapes`` resolved) is loaded before anything is written, so a model that
+        cannot be merged leaves ``output_dir`` untouched.
+
+        Raises:
+            ValueError: ``lora`` is set but ``model`` holds no peft LoRA adapter.
         """
         from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
+        from mm_align.image.toyworld.shapes import resolve_model
         from peft.utils import get_peft_model_state_dict
 
+        from mm_align.lora import ADAPTER_NAME
+
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         if not lora:
+            out.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(out / "unet")  # type: ignore[operator]
             return
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-        pipeline = StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
-        pipeline.save_lora_weights(out, unet_lora_layers=state, safe_serialization=True)
-        if self.config.save_merged:
+        peft_config = getattr(model, "peft_config", {}).get(ADAPTER_NAME)
+        if peft_config is None:
+            raise ValueError(f"cannot save a LoRA: {type(model).__name__} holds no peft adapter {ADAPTER_NAME!r} "
+                             f"(adapters: {sorted(getattr(model, 'peft_config', {}))})")
+        base = None
+        if self.config.save_merged:  # load the base first: a bad model.pretrained fails before any file is written
             kw = {"revision": self.config.revision} if self.config.revision else {}
-            pipe = DiffusionPipeline.from_pretrained(self.config.pretrained, **kw)
-            pipe.load_lora_weights(out)
-            pipe.fuse_lora()
-            pipe.unload_lora_weights()
+            base = DiffusionPipeline.from_pretrained(resolve_model(self.config.pretrained), **kw)
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME))
+        pipeline = StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
+        out.mkdir(parents=True, exist_ok=True)
+        pipeline.save_lora_weights(out, unet_lora_layers=state, safe_serialization=True,
+                                   unet_lora_adapter_metadata=peft_config.to_dict())
+        if base is not None:
+            base.load_lora_weights(out)
+            base.fuse_lora()
+            base.unload_lora_weights()
             tmp = out / ".merged.tmp"
             if tmp.exists():
                 shutil.rmtree(tmp)
-            pipe.save_pretrained(tmp)
+            base.save_pretrained(tmp)
             if (out / "merged").exists():
                 shutil.rmtree(out / "merged")
             os.replace(tmp, out / "merged")
