@@ -19,6 +19,12 @@ With ``sft`` as the loss, the trainer minimises the mean of that per-sample valu
 updated after every optimiser step (:meth:`SelfNPOAdapter.after_optimizer_step`) and saved in
 checkpoints (``state_dict``), so a resumed run is exact. Defaults: lr 1e-6 (SD1.5) / 1e-7 (SDXL),
 about 1000 steps (the shipped ``sd15_self_npo`` / ``sdxl_self_npo`` recipes).
+
+The teacher is diffusers' :class:`~diffusers.training_utils.EMAModel` over the student's trainable weights,
+held at the constant rate ``ema_decay`` from the first step: ``min_decay = decay`` turns off its warm-up
+``(1 + n) / (10 + n)``, and ``update_after_step = -1`` its plain copy at the first step. Its state
+(shadow weights under the parameter names, its counters as 0-dim tensors under ``ema.``) is the
+adapter's ``state_dict``, a flat dict of tensors for the checkpoint's safetensors file.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from mm_align.config import from_dict, option
 from mm_align.types import Scores
 
 __all__ = ["SelfNPOConfig", "SelfNPOAdapter", "pseudo_huber"]
+
+_EMA_PREFIX = "ema."  # state_dict keys of the EMAModel counters; no UNet parameter name starts with it
 
 
 @dataclass
@@ -80,7 +88,9 @@ class SelfNPOAdapter(StableDiffusionAdapter):
         self.ddim.set_timesteps(config.sampler_steps)
         default = -5.0 if self.is_sdxl else -1.0
         self.guidance = config.guidance_scale if config.guidance_scale is not None else default
-        self._ema: dict[str, torch.Tensor] | None = None
+        self._ema: Any = None  # diffusers EMAModel, made on first use (it needs the model's parameters)
+        self._ema_names: list[str] = []
+        self._pending: dict[str, torch.Tensor] | None = None  # a loaded state, waiting for the model
 
     @classmethod
     def from_config(cls, data: dict[str, Any]) -> SelfNPOAdapter:
@@ -91,32 +101,60 @@ class SelfNPOAdapter(StableDiffusionAdapter):
     def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    def _ensure_ema(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        if self._ema is None:
-            self._ema = {n: p.detach().clone() for n, p in self._trainable(model).items()}
+    def _ensure_ema(self, model: nn.Module) -> Any:
+        """The teacher (an ``EMAModel`` over ``model``'s trainable weights), made on first use.
+
+        A state loaded by :meth:`load_state_dict` before the model was known is applied here.
+        """
+        if self._ema is not None:
+            return self._ema
+        from diffusers.training_utils import EMAModel
+
+        params = self._trainable(model)
+        decay = self.config.ema_decay
+        self._ema = EMAModel(params.values(), decay=decay, min_decay=decay, update_after_step=-1)
+        self._ema_names = list(params)
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            shadow = {k: v for k, v in state.items() if not k.startswith(_EMA_PREFIX)}
+            missing, unexpected = sorted(set(params) - set(shadow)), sorted(set(shadow) - set(params))
+            if missing or unexpected:
+                raise ValueError(f"the Self-NPO teacher state does not fit the model: missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]} ({len(missing)} / {len(unexpected)} in all)")
+            scalars = {k.removeprefix(_EMA_PREFIX): v.item() for k, v in state.items() if k.startswith(_EMA_PREFIX)}
+            if scalars.get("decay", decay) != decay:
+                raise ValueError(f"the checkpoint's teacher has ema_decay {scalars['decay']}, this run {decay}")
+            scalars["shadow_params"] = [shadow[n].to(p.device, p.dtype) for n, p in params.items()]
+            self._ema.load_state_dict(scalars)
         return self._ema
 
     @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module) -> None:
         """``θ_T ← d·θ_T + (1 − d)·θ_S`` over the trainable weights (LoRA, or all with finetune=full)."""
-        ema = self._ensure_ema(model)
-        for n, p in self._trainable(model).items():
-            ema[n].lerp_(p.detach(), 1.0 - self.config.ema_decay)
+        self._ensure_ema(model).step(self._trainable(model).values())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self._ema or {})
+        """The teacher as a flat dict of tensors: shadow weights by parameter name, ``ema.*`` counters (0-dim)."""
+        if self._ema is None:
+            return dict(self._pending or {})
+        state = self._ema.state_dict()
+        out = {n: t.detach().clone() for n, t in zip(self._ema_names, state.pop("shadow_params"))}
+        for k, v in state.items():
+            dtype = torch.bool if isinstance(v, bool) else torch.int64 if isinstance(v, int) else torch.float64
+            out[_EMA_PREFIX + k] = torch.tensor(v, dtype=dtype)
+        return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._ema = {k: v.clone() for k, v in state.items()}
+        """Restore :meth:`state_dict`'s output; applied to the teacher when the model is known."""
+        self._ema, self._pending = None, {k: v.clone() for k, v in state.items()}
 
     @torch.no_grad()
     def _as_teacher(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Swap the EMA weights into ``model``; returns the student's weights to swap back."""
         ema = self._ensure_ema(model)
-        saved = {}
-        for n, p in self._trainable(model).items():
-            saved[n] = p.detach().clone()
-            p.copy_(ema[n].to(p.device, p.dtype))
+        params = self._trainable(model)
+        saved = {n: p.detach().clone() for n, p in params.items()}  # on the device, unlike EMAModel.store
+        ema.copy_to(params.values())
         return saved
 
     @torch.no_grad()

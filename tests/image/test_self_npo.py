@@ -112,9 +112,10 @@ def test_trains_updates_the_ema_teacher_and_resumes_exactly(tmp_path, model_dir,
     state = {n: p.detach().clone() for n, p in adapter.model.named_parameters() if p.requires_grad}
     assert any("lora_B" in n and v.abs().sum() > 0 for n, v in state.items())
     ema = adapter.state_dict()
-    assert set(ema) == set(state)
+    assert {n for n in ema if not n.startswith("ema.")} == set(state)  # the shadow weights, plus EMAModel's counters
+    assert ema["ema.optimization_step"].item() == 4 and ema["ema.decay"].item() == decay
     # the teacher lags the student: between its initial weights (LoRA B = 0) and the student's
-    moved = [n for n in ema if "lora_B" in n]
+    moved = [n for n in state if "lora_B" in n]
     assert all(0 < ema[n].abs().sum() < state[n].abs().sum() for n in moved)
     saved = (result.output_dir / "checkpoint-4" / "adapter_state.safetensors")
     assert saved.is_file()
@@ -134,15 +135,56 @@ def test_trains_updates_the_ema_teacher_and_resumes_exactly(tmp_path, model_dir,
 def test_one_ema_step_follows_the_formula(model_dir):
     adapter = _adapter(model_dir, ema_decay=0.75)
     add_lora(adapter.model, LoraSettings(r=4), adapter.lora_target_modules)
-    before = {k: v.clone() for k, v in adapter._ensure_ema(adapter.model).items()}
+    adapter._ensure_ema(adapter.model)
+    before = {k: v.clone() for k, v in adapter.state_dict().items() if not k.startswith("ema.")}
     with torch.no_grad():
         for p in adapter.model.parameters():
             if p.requires_grad:
                 p.add_(1.0)
     adapter.after_optimizer_step(adapter.model)
     params = dict(adapter.model.named_parameters())
-    for n, v in adapter.state_dict().items():
+    after = {k: v for k, v in adapter.state_dict().items() if not k.startswith("ema.")}
+    assert set(after) == set(before)
+    for n, v in after.items():
         torch.testing.assert_close(v, 0.75 * before[n] + 0.25 * params[n].detach())
+
+
+def test_the_teacher_is_diffusers_ema_model_at_a_constant_rate_and_its_state_round_trips(model_dir):
+    from diffusers.training_utils import EMAModel
+
+    adapter = _adapter(model_dir, ema_decay=0.5)
+    add_lora(adapter.model, LoraSettings(r=4), adapter.lora_target_modules)
+    assert isinstance(adapter._ensure_ema(adapter.model), EMAModel)
+    params = {n: p for n, p in adapter.model.named_parameters() if p.requires_grad}
+    expected = {n: p.detach().clone() for n, p in params.items()}
+    for step in range(3):  # the rate is 0.5 from the first step (no EMAModel warm-up, no first-step copy)
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(1.0 + step)
+        adapter.after_optimizer_step(adapter.model)
+        expected = {n: 0.5 * expected[n] + 0.5 * params[n].detach() for n in params}
+    state = adapter.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # safetensors-ready
+    assert state["ema.optimization_step"].item() == 3 and state["ema.decay"].item() == 0.5
+    for n in params:
+        torch.testing.assert_close(state[n], expected[n])
+
+    # a fresh adapter restores it (applied once the model is known) and takes the same next step
+    other = _adapter(model_dir, ema_decay=0.5)
+    add_lora(other.model, LoraSettings(r=4), other.lora_target_modules)
+    other.model.load_state_dict(adapter.model.state_dict())
+    other.load_state_dict(state)
+    assert other.state_dict().keys() == state.keys()
+    for a in (adapter, other):
+        a.after_optimizer_step(a.model)
+    for k, v in adapter.state_dict().items():
+        torch.testing.assert_close(other.state_dict()[k], v, atol=0, rtol=0)
+
+    wrong = _adapter(model_dir, ema_decay=0.9)
+    add_lora(wrong.model, LoraSettings(r=4), wrong.lora_target_modules)
+    wrong.load_state_dict(state)
+    with pytest.raises(ValueError, match="ema_decay 0.5, this run 0.9"):
+        wrong.after_optimizer_step(wrong.model)
 
 
 def test_shipped_recipe_runs_through_the_cli(tmp_path, model_dir, records):
