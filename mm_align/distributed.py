@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import DistributedType
 from torch import nn
 
@@ -35,6 +36,9 @@ __all__ = [
     "Engine",
     "engine",
     "check_engine",
+    "configure_engine",
+    "loss_scale",
+    "steps_itself",
     "sharded",
     "full_state_dict",
     "optimizer_state",
@@ -45,6 +49,8 @@ __all__ = [
     "save_engine_state",
     "load_engine_state",
 ]
+
+logger = get_logger(__name__)
 
 Engine = Literal["single", "ddp", "fsdp2", "deepspeed"]
 
@@ -71,6 +77,39 @@ def check_engine(accelerator: Accelerator) -> None:
 def sharded(accelerator: Accelerator) -> bool:
     """True when parameters are split across processes (FSDP2, DeepSpeed), so whole weights must be gathered."""
     return engine(accelerator) in ("fsdp2", "deepspeed")
+
+
+def configure_engine(
+    accelerator: Accelerator, batch_size: int, accumulation: int, max_grad_norm: float | None
+) -> None:
+    """Hand the run's batch size, accumulation and clipping to an engine that owns them (DeepSpeed), before prepare.
+
+    DeepSpeed steps, accumulates and clips inside its engine, so its config must say what the run's
+    config says; a config file that says otherwise is overridden with a warning naming both values.
+    """
+    if engine(accelerator) != "deepspeed":
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": 0.0 if max_grad_norm is None else float(max_grad_norm),
+    }
+    for key, value in wanted.items():
+        if ds.get(key) not in (None, "auto", value):
+            logger.warning(f"DeepSpeed config {key}={ds[key]} overridden by the run's {value}", main_process_only=True)
+        ds[key] = value
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the process count
+
+
+def loss_scale(accelerator: Accelerator, accumulation: int) -> float:
+    """What the loop divides each micro-batch loss by: the accumulation steps, except under DeepSpeed (it does)."""
+    return 1.0 if engine(accelerator) == "deepspeed" else float(accumulation)
+
+
+def steps_itself(accelerator: Accelerator) -> bool:
+    """True when the engine takes the optimiser step inside ``backward`` (DeepSpeed): no step can be skipped."""
+    return engine(accelerator) == "deepspeed"
 
 
 def full_state_dict(
@@ -106,6 +145,8 @@ def optimizer_state(accelerator: Accelerator, model: nn.Module, optimizer: Any) 
 def load_model_state(accelerator: Accelerator, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load (a subset of) whole weights into a prepared model, sharding them where the engine shards."""
     kind = engine(accelerator)
+    if kind == "deepspeed":  # its engine checkpoint restores the (partitioned) weights: load_engine_state
+        return
     if kind == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -157,13 +198,15 @@ def prepare_reference(accelerator: Accelerator, reference: nn.Module) -> nn.Modu
 def save_engine_state(accelerator: Accelerator, model: Any, directory: str) -> None:
     """DeepSpeed only: its engine's own checkpoint (sharded optimiser state) under ``directory``; every process."""
     if engine(accelerator) == "deepspeed":
-        model.save_checkpoint(directory, tag="engine")
+        model.save_checkpoint(directory, tag="engine", exclude_frozen_parameters=True)
 
 
 def load_engine_state(accelerator: Accelerator, model: Any, directory: str) -> None:
     """DeepSpeed only: read back what :func:`save_engine_state` wrote (optimiser state; weights too)."""
     if engine(accelerator) == "deepspeed":
-        model.load_checkpoint(directory, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False)
+        # strict off: the engine checkpoint excludes the frozen base weights (the model already holds them)
+        model.load_checkpoint(directory, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False,
+                              load_module_strict=False)
 
 
 def _inner(optimizer: Any) -> torch.optim.Optimizer:

@@ -38,12 +38,14 @@ from mm_align.checkpoint import ADAPTER_STATE_FILE, find_latest, load_checkpoint
 from mm_align.config import dump_yaml, write_resolved
 from mm_align.distributed import (
     check_engine,
+    configure_engine,
     engine,
     full_state_dict,
     grad_clip_parameters,
     load_engine_state,
     load_model_state,
     load_optimizer_state,
+    loss_scale,
     optimizer_state,
     prepare_reference,
     save_engine_state,
@@ -207,6 +209,7 @@ def train(
     )
     # `model` is the prepared (possibly wrapped or sharded) module every forward pass goes through;
     # `base` the unwrapped one, for names and hooks only (under FSDP2 the two are one object).
+    configure_engine(accelerator, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     base = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swapped in sharded parameters
@@ -341,7 +344,8 @@ def train(
                     )
                 out = compute_loss(cfg.loss, cfg.loss_weights, policy, reference, cfg.beta, cfg.loss_params)
                 finite = finite * torch.isfinite(out.loss.detach()).float()
-                accelerator.backward(out.loss / cfg.gradient_accumulation_steps)
+                accelerator.gradient_state._set_sync_gradients(last_micro)  # DeepSpeed steps at the boundary only
+                accelerator.backward(out.loss / loss_scale(accelerator, cfg.gradient_accumulation_steps))
             outputs.append(out)
 
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
