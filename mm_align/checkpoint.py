@@ -4,6 +4,15 @@ A checkpoint is first written to a hidden temporary directory and renamed to ``c
 only once every file (``trainer_state.json`` last) is on disk, so a run killed mid-save leaves
 no directory that :func:`find_latest` would pick. Nothing is pickled: weights in safetensors,
 the optimiser state through ``torch.save`` / ``torch.load(weights_only=True)``, the rest JSON.
+
+Why our own and not ``accelerator.save_state`` / ``load_state``: an exact resume needs, beside the
+weights and optimiser, the data position (epoch and micro-batch within it) and a check that the
+global batch is the one the checkpoint was written with; accelerate's state holds neither. Its
+weights are written with pickle-free safetensors only for the model, and it has no atomic rename,
+so a run killed mid-save can leave a directory that looks complete. Sharded engines still go
+through accelerate: the caller gathers whole weights (``accelerator.get_state_dict``) and, for
+DeepSpeed, the engine writes its own optimiser shards into the same temporary directory
+(:mod:`mm_align.distributed`), so the rename covers them too.
 """
 
 from __future__ import annotations

@@ -96,6 +96,11 @@ def epoch_batches(n: int, epoch: int, seed: int, batch_size: int, world_size: in
     Global batch ``g`` holds permutation entries ``[g·B·W, (g+1)·B·W)``; process ``r`` takes the
     ``r``-th slice of size ``B``. So one process with batch ``B·W`` sees exactly the union of what
     ``W`` processes with batch ``B`` see. An incomplete last global batch is dropped.
+
+    Ours rather than accelerate's prepared DataLoader (a ``DistributedSampler`` / ``skip_first_batches``):
+    that one shards by ``index % W`` with a per-process batch, so the global batch's contents change with
+    the process count, and resuming mid-epoch re-reads the skipped batches through collate. Here the
+    order and every per-sample seed depend on ``(seed, epoch, index)`` alone.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
