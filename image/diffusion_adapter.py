@@ -327,8 +327,11 @@ class StableDiffusionAdapter:
         extra = {k: batch[k] for k in ("reward_chosen", "reward_rejected") if k in batch}
         return Scores("error", err[:b], err[b:], extra=extra)
 
-    def save(self, model: nn.Module, output_dir: str, lora: bool) -> None:
+    def save(self, model: nn.Module, output_dir: str, lora: bool, state_dict: dict[str, Any] | None = None) -> None:
         """LoRA in the diffusers format (``pipeline.load_lora_weights(dir)`` loads it), or the full UNet.
+
+        ``state_dict``: the UNet's whole state dict gathered by the trainer from a sharded engine (FSDP2,
+        ZeRO); the weights are written from it. None reads them from ``model``.
 
         The LoRA file carries peft's adapter config (rank, alpha, targets) as diffusers' LoRA adapter
         metadata, so plain diffusers loads it at its trained scale ``alpha / r``; without it diffusers
@@ -353,7 +356,8 @@ class StableDiffusionAdapter:
         out = Path(output_dir)
         if not lora:
             out.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(out / "unet")  # type: ignore[operator]
+            kw = {} if state_dict is None else {"state_dict": state_dict}
+            model.save_pretrained(out / "unet", **kw)  # type: ignore[operator]
             return
         peft_config = getattr(model, "peft_config", {}).get(ADAPTER_NAME)
         if peft_config is None:
@@ -363,7 +367,8 @@ class StableDiffusionAdapter:
         if self.config.save_merged:  # load the base first: a bad model.pretrained fails before any file is written
             kw = {"revision": self.config.revision} if self.config.revision else {}
             base = DiffusionPipeline.from_pretrained(resolve_model(self.config.pretrained), **kw)
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME))
+        lora_state = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=ADAPTER_NAME)
+        state = convert_state_dict_to_diffusers({k: v.detach().cpu() for k, v in lora_state.items()})
         pipeline = StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
         out.mkdir(parents=True, exist_ok=True)
         pipeline.save_lora_weights(out, unet_lora_layers=state, safe_serialization=True,
