@@ -180,10 +180,15 @@ def test_precomputed_latents_train_exactly_as_live(tmp_path, which, request, ima
     train(cached, pairs, _cfg(tmp_path / "cached", "diffusion_dpo", max_steps=4))
     assert len(list((tmp_path / "latents").iterdir())) == 1
     a, b = live.model.state_dict(), cached.model.state_dict()
-    # equal up to float summation order: the VAE encodes 8 images per call when precomputing, 2 live
-    for k in a:
-        if "lora_" in k:
-            torch.testing.assert_close(a[k], b[k], atol=5e-5, rtol=0)
+    # The scores agree to float rounding (checked below: the VAE and text encoders see 8 inputs per call when
+    # precomputing, 2 live). AdamW's step lr·m/(√v + ε) is O(lr) for ANY non-zero gradient entry, so an entry
+    # whose gradient is itself at the rounding level moves by up to lr per step in a direction set by the
+    # rounding: a few such entries differ by O(lr·steps) after 4 steps (1 of 256 by 1.1e-4 with diffusers 0.42
+    # / transformers 5.24 / peft 0.21, none with the earlier set), so bound the share, not the maximum.
+    lora = [k for k in a if "lora_" in k]
+    close = torch.cat([((a[k] - b[k]).abs() <= 5e-5).flatten() for k in lora])
+    assert close.float().mean() >= 0.98, f"{int((~close).sum())} of {close.numel()} LoRA entries differ"
+    assert max((a[k] - b[k]).abs().max().item() for k in lora) <= 2 * 1e-3 * 4  # 2 · lr · steps
     fresh_live, fresh_cached = _adapter(model_dir), _adapter(model_dir, precompute=True,
                                                              precompute_dir=str(tmp_path / "latents"))
     fresh_cached.prepare(pairs)
