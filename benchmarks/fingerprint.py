@@ -108,7 +108,7 @@ def run(quick: bool = False, work: Path | None = None) -> dict:
     from mm_align.image.diffusion_adapter import DiffusionModelConfig
 
     from mm_align import fingerprint as fp
-    from mm_align.reference_cache import model_fingerprint
+    from mm_align.fingerprint import state_dict_fingerprint as model_fingerprint  # the former one, unchanged
 
     config, dtype, name = (SMALL_UNET, torch.float32, "small UNet (smoke run)") if quick else (
         SDXL_UNET, torch.bfloat16, "SDXL UNet")

@@ -28,7 +28,7 @@ default ``pretrained``) are left out of the settings hash for that reason.
 
 Modules with no files (built in memory, e.g. the synthetic adapter's policy from a seed) are
 fingerprinted by their state dict (:func:`state_dict_fingerprint`, the former
-``reference_cache.model_fingerprint``): cheap for small models.
+the former ``reference_cache.model_fingerprint``): cheap for small models.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from accelerate.logging import get_logger
 from mm_align.atomic import atomic_write_json
 
 __all__ = [
+    "feed",
     "cache_root",
     "digest_cache_file",
     "hub_blob_digest",
@@ -94,22 +95,22 @@ def digest_cache_file() -> Path:
 
 
 # ---- hashing helpers ---------------------------------------------------------------------------
-def _feed(h: Any, value: Any) -> None:
-    """Feed ``value`` into hasher ``h`` structurally (the same encoding as ``reference_cache``)."""
+def feed(h: Any, value: Any) -> None:
+    """Feed ``value`` into hasher ``h`` by structure: bytes by digest, dicts by key, dataclasses by field."""
     if isinstance(value, bytes):
         h.update(b"b"), h.update(hashlib.sha256(value).digest())
     elif isinstance(value, dict):
         h.update(b"{")
         for k in sorted(value):
-            h.update(str(k).encode()), _feed(h, value[k])
+            h.update(str(k).encode()), feed(h, value[k])
         h.update(b"}")
     elif isinstance(value, (list, tuple)):
         h.update(b"[")
         for v in value:
-            _feed(h, v)
+            feed(h, v)
         h.update(b"]")
     elif hasattr(value, "__dataclass_fields__"):
-        _feed(h, {k: getattr(value, k) for k in value.__dataclass_fields__})
+        feed(h, {k: getattr(value, k) for k in value.__dataclass_fields__})
     else:
         h.update(repr(value).encode())
 
@@ -361,9 +362,9 @@ def _fingerprint(
     cache_file: str | Path | None,
 ) -> str:
     h = hashlib.sha256(FINGERPRINT_VERSION.encode())
-    _feed(h, settings)
-    _feed(h, meta)
-    _feed(h, {name: file_digest(path, cache_file) for name, path in files.items()})
+    feed(h, settings)
+    feed(h, meta)
+    feed(h, {name: file_digest(path, cache_file) for name, path in files.items()})
     for name in sorted(modules):
         h.update(f"state_dict:{name}".encode())
         _hash_state_dict(h, modules[name])
@@ -435,6 +436,6 @@ def state_dict_fingerprint(settings: Any, model: torch.nn.Module) -> str:
     before LoRA is injected, so it names the reference network.
     """
     h = hashlib.sha256()
-    _feed(h, settings)
+    feed(h, settings)
     _hash_state_dict(h, model)
     return h.hexdigest()[:24]

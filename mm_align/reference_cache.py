@@ -22,11 +22,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mm_align.fingerprint import feed
 from mm_align.types import Scores
 
 CACHE_FORMAT = "mm_align.reference_cache/2"
 
-__all__ = ["sample_seed", "records_fingerprint", "model_fingerprint", "ReferenceCache", "default_cache_dir"]
+__all__ = ["sample_seed", "records_fingerprint", "ReferenceCache", "default_cache_dir"]
 
 
 def sample_seed(seed: int, index: int, epoch: int | None) -> int:
@@ -39,41 +40,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MM_ALIGN_CACHE", Path.home() / ".cache" / "mm_align")) / "reference"
 
 
-def _feed(h: Any, value: Any) -> None:
-    if isinstance(value, bytes):
-        h.update(b"b"), h.update(hashlib.sha256(value).digest())
-    elif isinstance(value, dict):
-        h.update(b"{")
-        for k in sorted(value):
-            h.update(str(k).encode()), _feed(h, value[k])
-        h.update(b"}")
-    elif isinstance(value, (list, tuple)):
-        h.update(b"[")
-        for v in value:
-            _feed(h, v)
-        h.update(b"]")
-    elif hasattr(value, "__dataclass_fields__"):
-        _feed(h, {k: getattr(value, k) for k in value.__dataclass_fields__})
-    else:
-        h.update(repr(value).encode())
-
-
 def records_fingerprint(records: Sequence[Any]) -> str:
     """A content hash of a list of records (bytes hashed, never pickled)."""
     h = hashlib.sha256()
-    _feed(h, list(records))
-    return h.hexdigest()[:24]
-
-
-def model_fingerprint(settings: Any, model: torch.nn.Module) -> str:
-    """A hash of scoring settings (a dataclass) and a model's weights: the adapter's cache-key part.
-
-    Call it on the base model before LoRA is injected, so it names the reference network.
-    """
-    h = hashlib.sha256()
-    _feed(h, settings)
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode()), h.update(v.detach().float().cpu().numpy().tobytes())
+    feed(h, list(records))
     return h.hexdigest()[:24]
 
 

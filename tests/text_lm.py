@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from mm_align.config import from_dict, option
 from mm_align.data import PreferencePair, UnpairedSample
+from mm_align.fingerprint import state_dict_fingerprint
 from mm_align.lora import ADAPTER_NAME, lora_state_dict
-from mm_align.reference_cache import model_fingerprint
 from mm_align.scores import sequence_logps
 from mm_align.types import Scores
 
@@ -118,7 +118,7 @@ class TextLMAdapter:
             "model_config": self.model.config.to_json_string(use_diff=False),
             "vocab": sorted(self.tokenizer.get_vocab().items()),
         }
-        self._fingerprint = model_fingerprint(settings, self.model)  # the base weights, before LoRA
+        self._fingerprint = state_dict_fingerprint(settings, self.model)  # the base weights, before LoRA
 
     @classmethod
     def from_config(cls, data: dict[str, Any]) -> TextLMAdapter:
