@@ -65,13 +65,27 @@ def engine(accelerator: Accelerator) -> Engine:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
-def check_engine(accelerator: Accelerator) -> None:
-    """Refuse FSDP version 1 (see the module docstring) with a message that names the fix."""
+def check_engine(accelerator: Accelerator, adapter: Any = None) -> None:
+    """Refuse what the engine cannot run, with a message that names the fix.
+
+    FSDP version 1 (see the module docstring); and, under a sharded engine, an adapter that keeps
+    state of its own over the model's parameters (``state_dict`` / ``after_optimizer_step``, e.g.
+    Self-NPO's EMA teacher): that state would hold this process's shards only, so its checkpoint
+    would not be whole.
+    """
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError(
             "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
             "(mm_align/configs/accelerate/fsdp.yaml is a working one)"
         )
+    if sharded(accelerator) and adapter is not None:
+        own = [h for h in ("state_dict", "after_optimizer_step") if hasattr(adapter, h)]
+        if own:
+            raise ValueError(
+                f"{type(adapter).__name__} keeps its own state over the model's parameters ({', '.join(own)}), "
+                f"which {engine(accelerator)} would shard: train it with DDP "
+                "(accelerate launch --config_file \"$(mm-align ls accelerate ddp)\" ...) or on one process"
+            )
 
 
 def sharded(accelerator: Accelerator) -> bool:

@@ -180,7 +180,7 @@ def train(
         # a second run in the same single process (a notebook, a test) may change the precision
         AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    check_engine(accelerator)
+    check_engine(accelerator, adapter)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)

@@ -176,3 +176,24 @@ def test_fsdp_version_1_is_refused_with_the_fix_named():
 
     with pytest.raises(ValueError, match="fsdp_version: 2"):
         check_engine(_Acc())
+
+
+def test_an_adapter_with_its_own_parameter_state_is_refused_under_sharding():
+    from accelerate.utils import DistributedType
+
+    from mm_align.distributed import check_engine
+
+    class _Acc:
+        distributed_type = DistributedType.DEEPSPEED
+        is_fsdp2 = False
+
+    class _WithEMA:
+        def state_dict(self):
+            return {}
+
+        def after_optimizer_step(self, model):
+            pass
+
+    with pytest.raises(ValueError, match=r"_WithEMA keeps its own state.*deepspeed would shard: train it with DDP"):
+        check_engine(_Acc(), _WithEMA())
+    check_engine(_Acc(), object())  # an adapter without such state is fine
