@@ -254,3 +254,20 @@ def test_wandb_goes_through_accelerates_tracker(tmp_path: Path, monkeypatch: pyt
     )
     assert calls[1:] == [("log", {"loss": 0.5, "flag": True}, 2), ("finish",)]
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_atomic_writes_get_the_umask_permissions_not_0600(tmp_path):
+    import os
+    import stat
+
+    from mm_align.atomic import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+        os.umask(0o077)
+        atomic_write_json(tmp_path / "b.json", {"x": 1})
+        assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
