@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from mm_align.atomic import default_file_mode
 from mm_align.checkpoint import ADAPTER_STATE_FILE, find_latest, load_checkpoint, model_state, save_checkpoint
 from mm_align.config import dump_yaml, write_resolved
 from mm_align.distributed import (
@@ -146,6 +147,14 @@ def _loader(adapter, records, batches, cfg: TrainConfig, epoch: int | None) -> D
 def _mean_metrics(outputs: list[LossOutput]) -> dict[str, torch.Tensor]:
     keys = outputs[0].metrics.keys()
     return {k: torch.stack([o.metrics[k].float() for o in outputs]).mean() for k in keys}
+
+
+def _umask_permissions(directory: Path) -> None:
+    """Give every file an adapter's save wrote the umask's permissions (diffusers' LoRA writer leaves 0600)."""
+    mode = default_file_mode()
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def _optimizer_format(accelerator: Accelerator) -> str:
@@ -451,6 +460,7 @@ def train(
                 adapter.save(base, str(final_dir), lora=trainable_only)
             else:
                 adapter.save(base, str(final_dir), lora=trainable_only, state_dict=gathered)
+            _umask_permissions(final_dir)
     accelerator.wait_for_everyone()
     return TrainResult(output_dir, pos.step, pos.skipped_steps, last_logged, last_ckpt, final_dir, world, is_main)
 

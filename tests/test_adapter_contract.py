@@ -118,3 +118,29 @@ def test_run_training_refuses_no_data():
     cfg = load_run_config("synthetic_dpo", ["data.train="])
     with pytest.raises(ValueError, match="data.train is not set"):
         run_training(cfg)
+
+
+class _OwnerOnlySave(SyntheticAdapter):
+    """Writes its weights the way diffusers' LoRA writer does here: an owner-only (0600) file."""
+
+    def save(self, model, output_dir, lora, state_dict=None):
+        import os
+
+        super().save(model, output_dir, lora, state_dict)
+        for f in os.listdir(output_dir):
+            os.chmod(os.path.join(output_dir, f), 0o600)
+
+
+def test_final_outputs_get_the_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        result = train(_OwnerOnlySave(), WORLD.pairs(16, seed=4), _cfg(tmp_path))
+    finally:
+        os.umask(old)
+    files = [p for p in result.final_dir.iterdir() if p.is_file()]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files), [
+        (p.name, oct(p.stat().st_mode)) for p in files]
+    assert stat.S_IMODE((tmp_path / "run" / "config.yaml").stat().st_mode) == 0o644
