@@ -1,9 +1,9 @@
-"""``mm-align quickstart``: the embedded default, end to end, in minutes on a CPU.
+"""``mm-align quickstart --world synthetic``: the core's own toy world, end to end, in seconds on a CPU.
 
-Until the shapes world lands (image issue), the embedded default is the synthetic world
-(:mod:`mm_align.synthetic`): write preference data from its hidden utility, check it with the
-doctor, train DPO with LoRA through the real loop, measure held-out preference accuracy of the
-base and the aligned policy, and write the HTML report.
+The default quickstart is the shapes world (:mod:`mm_align.image.quickstart`); this one needs no
+modality: write preference data from the synthetic world's hidden utility (:mod:`mm_align.synthetic`),
+check it with the doctor, train DPO with LoRA through the real loop, measure held-out preference
+accuracy of the base and the aligned policy, and write the HTML report.
 """
 
 from __future__ import annotations
