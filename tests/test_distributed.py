@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,14 @@ from mm_align.data import write_preferences
 from mm_align.orchestration import load_run_config, run_training
 from mm_align.recipes import accelerate_configs
 from mm_align.synthetic import SyntheticWorld
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), so parallel or repeated runs never collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 HARNESS = Path(__file__).parent / "distributed" / "engine_on_cpu.py"
 
@@ -66,12 +75,14 @@ def _env(port: int) -> dict[str, str]:
 
 
 def _check(run: subprocess.CompletedProcess) -> None:
-    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
+    errors = [line for line in run.stderr.splitlines() if "Error" in line or "error:" in line]
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-2000:]}\n" + "\n".join(errors)[-4000:]
     # both ranks really ran (accelerate's own `--cpu --num_processes 2` silently runs a single process)
     assert run.stdout.count("on 2 process(es)") == 1, run.stdout
 
 
-def _sharded(engine: str, config: Path, port: int, *overrides: str) -> None:
+def _sharded(engine: str, config: Path, *overrides: str) -> None:
+    port = free_port()
     _check(subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
          str(HARNESS), "train", "--config", str(config), *overrides],
@@ -97,11 +108,12 @@ def data(tmp_path_factory) -> Path:
 
 def test_ddp_config_two_processes_equal_one(tmp_path, data):
     _one(_config(tmp_path, data, "one", 8))
+    port = free_port()
     two = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_configs()["ddp"]),
-         "--main_process_port", "29731", "-m", "mm_align.cli", "train", "--config",
+         "--main_process_port", str(port), "-m", "mm_align.cli", "train", "--config",
          str(_config(tmp_path, data, "two", 4))],
-        env=_env(29731), capture_output=True, text=True, timeout=300,
+        env=_env(port), capture_output=True, text=True, timeout=300,
     )
     _check(two)
     lora = "final/adapter_model.safetensors"
@@ -109,10 +121,10 @@ def test_ddp_config_two_processes_equal_one(tmp_path, data):
     assert any(v.abs().sum() > 0 for k, v in load_file(str(tmp_path / "one" / lora)).items() if "lora_B" in k)
 
 
-@pytest.mark.parametrize("engine, port", [("fsdp2", 29732), ("zero2", 29742), ("zero3", 29752)])
-def test_sharded_lora_equals_one_process_and_resumes_exactly(tmp_path, data, engine, port):
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
+def test_sharded_lora_equals_one_process_and_resumes_exactly(tmp_path, data, engine):
     _one(_config(tmp_path, data, "one", 8))
-    _sharded(engine, _config(tmp_path, data, "two", 4), port)
+    _sharded(engine, _config(tmp_path, data, "two", 4))
     lora = "final/adapter_model.safetensors"
     assert _max_diff(tmp_path / "one" / lora, tmp_path / "two" / lora) <= 1e-5
     # the sharded run's checkpoint holds whole tensors, like the one-process run's
@@ -124,23 +136,23 @@ def test_sharded_lora_equals_one_process_and_resumes_exactly(tmp_path, data, eng
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(tmp_path / "two" / "checkpoint-3", resumed / "checkpoint-3")
-    _sharded(engine, _config(tmp_path, data, "resumed", 4, resume_from="latest"), port + 1)
+    _sharded(engine, _config(tmp_path, data, "resumed", 4, resume_from="latest"))
     assert _max_diff(tmp_path / "two" / lora, resumed / lora) <= 1e-6
 
 
-@pytest.mark.parametrize("engine, port", [("fsdp2", 29734), ("zero3", 29754)])
-def test_sharded_full_finetune_with_the_prepared_reference_copy(tmp_path, data, engine, port):
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_sharded_full_finetune_with_the_prepared_reference_copy(tmp_path, data, engine):
     kw = {"finetune": "full", "learning_rate": 1e-3}
     _one(_config(tmp_path, data, "one", 8, **kw))
-    _sharded(engine, _config(tmp_path, data, "two", 4, **kw), port)
+    _sharded(engine, _config(tmp_path, data, "two", 4, **kw))
     weights = "final/model.safetensors"
     assert _max_diff(tmp_path / "one" / weights, tmp_path / "two" / weights) <= 1e-5
 
 
-@pytest.mark.parametrize("engine, port", [("fsdp2", 29735), ("zero3", 29755)])
-def test_sharded_reference_cache_is_scored_across_processes_and_gathered(tmp_path, data, engine, port):
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_sharded_reference_cache_is_scored_across_processes_and_gathered(tmp_path, data, engine):
     _one(_config(tmp_path, data, "one", 8))  # live reference
-    _sharded(engine, _config(tmp_path, data, "two", 4, precompute_reference=True), port)
+    _sharded(engine, _config(tmp_path, data, "two", 4, precompute_reference=True))
     lora = "final/adapter_model.safetensors"
     assert _max_diff(tmp_path / "one" / lora, tmp_path / "two" / lora) <= 1e-5
     caches = list((tmp_path / "cache").glob("ref-*.safetensors"))
