@@ -121,7 +121,10 @@ def world_perturber_options() -> str:
 
 def train_method(name: str, model: str, data: dict[str, Path], out: Path, seed: int = 0,
                  steps: int | None = None) -> Path:
-    """One method through ``mm-align train`` (the shapes recipe with this method's overrides)."""
+    """One method through ``mm-align train`` (the shapes recipe with this method's overrides).
+
+    A method whose ``final/`` exists is skipped; one killed before it resumes from its last checkpoint.
+    """
     from mm_align.orchestration import load_run_config, run_training
 
     loss, beta, lr, method_steps, source = METHODS[name]
@@ -129,7 +132,9 @@ def train_method(name: str, model: str, data: dict[str, Path], out: Path, seed: 
     overrides = [f"model.pretrained={model}", f"data.train={data[source]}", f"train.output_dir={out}",
                  f"train.loss=[{loss}]", f"train.beta={beta}", f"train.learning_rate={lr}", f"train.max_steps={steps}",
                  f"train.seed={seed}", f"train.checkpointing_steps={steps}",
-                 f"model.precompute_dir={out.parent / 'latent_cache'}"]
+                 f"model.precompute_dir={out.parent / 'latent_cache'}",
+                 # a run killed before final/ resumes from its last checkpoint; one that left none starts afresh
+                 "train.resume_from=latest", "train.overwrite_output_dir=true"]
     if source == "kto":
         overrides.append("data.format=auto")
     if source == "captions":

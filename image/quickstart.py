@@ -88,6 +88,7 @@ def run_shapes_quickstart(output_dir: Path, steps: int | None = None, cfg: Shape
         f"model.pretrained={model}", f"data.train={output_dir / 'generate' / 'pairs.parquet'}",
         f"train.output_dir={run_dir}", f"train.max_steps={cfg.steps}", f"train.seed={cfg.seed}",
         f"model.precompute_dir={output_dir / 'latent_cache'}", f"train.batch_size={cfg.batch_size}",
+        "train.overwrite_output_dir=true",  # its own sub-directory: a second quickstart retrains from scratch
     ]), log=log)
     timings["train_s"] = time.perf_counter() - started
 

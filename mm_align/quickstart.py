@@ -49,6 +49,7 @@ def run_quickstart(output_dir: Path, steps: int = 800, seed: int = 0) -> Path:
         log_every=10,
         eval_every=max(steps // 6, 1),
         seed=seed,
+        overwrite_output_dir=True,  # its own sub-directory: a second quickstart into output_dir retrains from scratch
     )
     records = read_preferences(train_path).records
     result = train(adapter, records, cfg, eval_records=heldout[:256])

@@ -50,12 +50,44 @@ class TrainConfig:
     cache_dir: str | None = option(None, help="Reference-score cache; None = $MM_ALIGN_CACHE or ~/.cache/mm_align.")
     checkpointing_steps: int = option(500, help="Save checkpoint-N every this many steps (and at the end).")
     checkpoints_total_limit: int | None = option(3, help="Keep only the newest k checkpoints; None = keep all.")
-    resume_from: str | None = option(None, help="'latest' or a checkpoint directory to resume exactly from.")
+    resume_from: str | None = option(
+        None,
+        help="'latest' or a checkpoint directory to resume exactly from. 'latest' in a directory that holds no "
+        "checkpoint starts fresh when the directory is empty or absent, and is refused like a fresh run when it "
+        "holds other files (see overwrite_output_dir).",
+    )
+    overwrite_output_dir: bool = option(
+        False,
+        help="A fresh run (no resume_from, or resume_from=latest finding no checkpoint) refuses an output_dir "
+        "that exists and is not empty, so an earlier run's checkpoints, metrics.jsonl and final/ are never "
+        "overwritten, pruned or resumed by mistake; true deletes everything in output_dir first and trains "
+        "from scratch. Ignored when resuming from a checkpoint.",
+    )
     log_every: int = option(10, help="Log averaged metrics every this many steps.")
     report_to: list[str] = option(default_factory=lambda: ["tensorboard"], help="tensorboard, wandb or none.")
     run_name: str | None = option(None, help="Run name for trackers.")
     eval_every: int | None = option(None, help="Evaluate the loss metrics on the eval data every this many steps.")
-    max_consecutive_nonfinite: int = option(5, help="Stop after this many non-finite steps in a row.")
+    max_consecutive_nonfinite: int = option(
+        5, help="Stop (NonFiniteLossError) after this many steps in a row with a non-finite loss or gradient."
+    )
+    max_skipped_fraction: float | None = option(
+        0.05,
+        help="At the end of training, fail (NonFiniteLossError, listing the records of every skipped step) when "
+        "the skipped steps are more than this share of all attempted steps (skipped / (max_steps + skipped)); "
+        "final/ is then not written, the last checkpoint is kept. None = never.",
+    )
+    divergence_factor: float = option(
+        1e3,
+        help="A step diverges when |loss| > divergence_factor × max(|loss of the run's first step|, 1). The first "
+        "step is computed before any update (with LoRA it is the reference's loss, ln 2 for DPO-type losses), so "
+        "the rule reads a rise from the start; the floor of 1 keeps losses that start near 0 from firing.",
+    )
+    divergence_patience: int | None = option(
+        3,
+        help="Warn at each diverged step; stop (DivergenceError, naming the last checkpoint written before the "
+        "divergence) after this many diverged steps in a row. A diverged step writes no periodic checkpoint, so "
+        "keep-last-k never prunes a good one for it. None or 0 = no divergence check.",
+    )
     num_workers: int = option(0, help="DataLoader worker processes for collation.")
     save_final: bool = option(True, help="Write the trained weights in the backbone's own format at the end.")
 
@@ -71,6 +103,12 @@ class TrainConfig:
             raise ValueError("checkpoints_total_limit must be >= 1 or null")
         if self.max_consecutive_nonfinite < 1:
             raise ValueError("max_consecutive_nonfinite must be >= 1")
+        if self.max_skipped_fraction is not None and not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ValueError(f"max_skipped_fraction must be in [0, 1] or null, got {self.max_skipped_fraction}")
+        if not self.divergence_factor > 1.0:
+            raise ValueError(f"divergence_factor must be > 1, got {self.divergence_factor}")
+        if self.divergence_patience is not None and self.divergence_patience < 0:
+            raise ValueError(f"divergence_patience must be >= 0 or null, got {self.divergence_patience}")
 
 
 @dataclass

@@ -5,7 +5,17 @@ batch and a batch into per-sample :class:`~mm_align.types.Scores`; the loss comp
 policy's scores with the reference's. Read :func:`train` from top to bottom: set-up, resume,
 then per optimiser step — micro-batches, reference pass (adapters disabled or a frozen copy,
 run first so its activations are freed before the policy's are kept; or the on-disk cache), policy
-pass, loss, backward, the non-finite guard, clip, step, log, save.
+pass, loss, backward, the non-finite guard, clip, step, the divergence guard, log, save.
+
+Three guards stop a run that would otherwise end with exit 0 and a useless or misleading result:
+
+- the output directory: a fresh run refuses a non-empty ``output_dir`` (:class:`OutputDirNotEmptyError`)
+  unless it resumes (``resume_from``) or is told to clear it (``overwrite_output_dir``);
+- non-finite steps: a step whose loss or gradient is NaN/inf is skipped, and the warning names its
+  records; too many in a row (``max_consecutive_nonfinite``) or too large a share at the end
+  (``max_skipped_fraction``) raise :class:`NonFiniteLossError` listing them;
+- divergence: a step whose loss rose ``divergence_factor``-fold over the first step's is warned about,
+  ``divergence_patience`` of them in a row raise :class:`DivergenceError`.
 
 Data order and every per-sample random draw are functions of ``(seed, epoch, sample index)``,
 and the position in the data is saved with each checkpoint, so a resumed run continues exactly
@@ -17,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +38,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, send_to_device, set_seed
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -35,7 +46,14 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from mm_align.atomic import default_file_mode
-from mm_align.checkpoint import ADAPTER_STATE_FILE, find_latest, load_checkpoint, model_state, save_checkpoint
+from mm_align.checkpoint import (
+    ADAPTER_STATE_FILE,
+    CHECKPOINT_RE,
+    find_latest,
+    load_checkpoint,
+    model_state,
+    save_checkpoint,
+)
 from mm_align.config import dump_yaml, write_resolved
 from mm_align.distributed import (
     check_engine,
@@ -61,11 +79,28 @@ from mm_align.types import LossOutput, PreferenceAdapter, Scores, check_adapter
 
 logger = get_logger(__name__)
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "epoch_batches", "evaluate"]
+__all__ = [
+    "train",
+    "TrainResult",
+    "NonFiniteLossError",
+    "DivergenceError",
+    "OutputDirNotEmptyError",
+    "epoch_batches",
+    "evaluate",
+]
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised after ``max_consecutive_nonfinite`` optimiser steps in a row had a NaN/inf loss or gradient."""
+    """Raised after ``max_consecutive_nonfinite`` optimiser steps in a row had a NaN/inf loss or gradient, or at
+    the end of a run whose skipped steps exceed ``max_skipped_fraction``; the message names their records."""
+
+
+class DivergenceError(RuntimeError):
+    """Raised after ``divergence_patience`` diverged steps in a row (see ``TrainConfig.divergence_factor``)."""
+
+
+class OutputDirNotEmptyError(ValueError):
+    """A fresh run was pointed at a non-empty output directory without ``resume_from`` or ``overwrite_output_dir``."""
 
 
 @dataclass
@@ -89,6 +124,10 @@ class _Position:
     micro_batch: int = 0  # micro-batches of ``epoch`` already consumed
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
+    # each skipped step: {"step": the step it would have been, "records": descriptions (see _describe_record)}
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    first_loss: float | None = None  # the run's first step's loss: the divergence rule's yardstick
+    consecutive_diverged: int = 0
 
 
 def epoch_batches(n: int, epoch: int, seed: int, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
@@ -157,6 +196,102 @@ def _umask_permissions(directory: Path) -> None:
             path.chmod(mode)
 
 
+def _describe_record(index: int, record: Any) -> str:
+    """How a warning names a record: its file and row when it carries them (``source`` and ``row`` attributes),
+    else its ``id``, always with its index in the training records."""
+    where = []
+    source, row = getattr(record, "source", None), getattr(record, "row", None)
+    if source is not None and row is not None:
+        where.append(f"{source} row {row}")
+    rid = getattr(record, "id", None)
+    if rid is not None:
+        where.append(f"id {rid!r}")
+    where.append(f"index {index}")
+    return "record " + ", ".join(where)
+
+
+def _nonfinite_samples(*scores: Scores | None) -> set[int]:
+    """Batch positions whose per-sample scores (chosen, rejected, extra) hold a NaN or inf, over ``scores``."""
+    bad: set[int] = set()
+    for s in scores:
+        if s is None:
+            continue
+        tensors = [s.chosen, s.rejected, *s.extra.values()]
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.is_floating_point():
+                flat = t.detach().reshape(t.shape[0], -1)  # (B, ...) -> (B, rest)
+                bad.update(torch.nonzero(~torch.isfinite(flat).all(dim=1)).flatten().tolist())
+    return bad
+
+
+def _list_skipped(skipped: list[dict[str, Any]], limit: int = 20) -> str:
+    lines = [f"  step {s['step']}: {'; '.join(s['records'])}" for s in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more skipped steps")
+    return "\n".join(lines)
+
+
+def _summarise_dir(directory: Path, limit: int = 8) -> str:
+    """What a directory holds, checkpoints as a range: ``checkpoint-300 … checkpoint-400 (3 checkpoints), final/``."""
+    children = sorted(directory.iterdir(), key=lambda p: p.name)
+    ckpts = sorted((int(m.group(1)), c.name) for c in children if (m := CHECKPOINT_RE.match(c.name)))
+    parts = []
+    if len(ckpts) == 1:
+        parts.append(ckpts[0][1])
+    elif ckpts:
+        parts.append(f"{ckpts[0][1]} … {ckpts[-1][1]} ({len(ckpts)} checkpoints)")
+    others = [c.name + ("/" if c.is_dir() else "") for c in children if not CHECKPOINT_RE.match(c.name)]
+    parts += others[:limit]
+    if len(others) > limit:
+        parts.append(f"and {len(others) - limit} more")
+    return ", ".join(parts)
+
+
+def _check_output_dir(output_dir: Path, cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """Refuse a non-empty ``output_dir`` for a fresh run; clear it under ``overwrite_output_dir``.
+
+    A run is fresh unless ``resume_from`` names a checkpoint, or is ``latest`` and ``output_dir`` holds one.
+    The main process decides (and clears, before anything is written); every process gets its verdict, so
+    all raise together.
+    """
+    error = None
+    if accelerator.is_main_process:
+        resumes = bool(cfg.resume_from) and (cfg.resume_from != "latest" or find_latest(output_dir) is not None)
+        used = output_dir.is_dir() and any(output_dir.iterdir())
+        if used and not resumes:
+            if cfg.overwrite_output_dir:
+                logger.warning(
+                    f"overwrite_output_dir=true: deleting the contents of {output_dir} "
+                    f"({_summarise_dir(output_dir)})",
+                    main_process_only=True,
+                )
+                for child in list(output_dir.iterdir()):
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+            else:
+                why = (
+                    "resume_from=latest found no checkpoint in it, and it is not empty"
+                    if cfg.resume_from
+                    else "it is not empty"
+                )
+                error = (
+                    f"output directory {output_dir} is already used by another run ({why}): it holds "
+                    f"{_summarise_dir(output_dir)}. Training into it would overwrite metrics.jsonl and final/, and "
+                    "the old checkpoints would outrank the new ones (keep-last-k, resume_from=latest). Pass "
+                    "train.resume_from=latest to continue that run, train.overwrite_output_dir=true to delete "
+                    "its contents and start afresh, or choose another train.output_dir."
+                )
+    if accelerator.num_processes > 1:
+        verdict = [error]
+        broadcast_object_list(verdict, from_process=0)
+        error = verdict[0]
+        accelerator.wait_for_everyone()  # the directory is cleared before any process writes
+    if error is not None:
+        raise OutputDirNotEmptyError(error)
+
+
 def _optimizer_format(accelerator: Accelerator) -> str:
     """How a checkpoint's optimiser state is laid out: torch's (by index), FSDP2's full (by name), DeepSpeed's."""
     return {"fsdp2": "fsdp2-full", "deepspeed": "deepspeed"}.get(engine(accelerator), "torch")
@@ -193,6 +328,7 @@ def train(
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
+    _check_output_dir(output_dir, cfg, accelerator)  # before anything is written into it
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_resolved(run_config if run_config is not None else cfg, output_dir)
@@ -236,7 +372,8 @@ def train(
     if cfg.resume_from:
         ckpt = find_latest(output_dir) if cfg.resume_from == "latest" else Path(cfg.resume_from)
         if ckpt is None:
-            logger.info(f"resume_from=latest: no checkpoint in {output_dir}; starting fresh", main_process_only=True)
+            logger.warning(f"resume_from=latest: no checkpoint in {output_dir}: starting fresh",
+                           main_process_only=True)
         else:
             loaded = load_checkpoint(ckpt, base, scheduler, trainable_only=trainable_only, rank=rank)
             state = loaded.trainer_state
@@ -259,7 +396,7 @@ def train(
             pos = _Position(**state["position"])
             if hasattr(adapter, "load_state_dict") and (ckpt / ADAPTER_STATE_FILE).is_file():
                 adapter.load_state_dict(load_file(str(ckpt / ADAPTER_STATE_FILE)))
-            logger.info(f"resumed from {ckpt} at step {pos.step}", main_process_only=True)
+            logger.warning(f"resumed from {ckpt} at step {pos.step}", main_process_only=True)
 
     metrics_log = MetricsLogger(
         output_dir,
@@ -338,6 +475,8 @@ def train(
     while pos.step < cfg.max_steps:
         outputs: list[LossOutput] = []
         finite = torch.ones((), device=accelerator.device)
+        step_indices: list[int] = []  # this process's records of the step, in order
+        bad_indices: list[int] = []  # ... of them, those whose policy or reference scores are non-finite
         for micro in range(cfg.gradient_accumulation_steps):
             indices, batch = next_micro_batch()
             batch = send_to_device(batch, accelerator.device)
@@ -358,6 +497,9 @@ def train(
                     )
                 out = compute_loss(cfg.loss, cfg.loss_weights, policy, reference, cfg.beta, cfg.loss_params)
                 finite = finite * torch.isfinite(out.loss.detach()).float()
+                step_indices += indices
+                if not torch.isfinite(out.loss.detach()):
+                    bad_indices += [indices[i] for i in sorted(_nonfinite_samples(policy, reference))]
                 accelerator.gradient_state._set_sync_gradients(last_micro)  # DeepSpeed steps at the boundary only
                 accelerator.backward(out.loss / loss_scale(accelerator, cfg.gradient_accumulation_steps))
             outputs.append(out)
@@ -372,11 +514,20 @@ def train(
         finite = accelerator.reduce(finite, reduction="sum") if world > 1 else finite
         if finite.item() < world:  # every process skips together
             optimizer.zero_grad(set_to_none=True)
+            if world > 1:  # the records of the whole global step (a collective: every process is here)
+                step_indices, bad_indices = (sum(gather_object([x]), []) for x in (step_indices, bad_indices))
+            # the records whose scores are non-finite when the scores tell; else every record of the step
+            # (a non-finite gradient, or a loss that is non-finite from finite scores)
+            named = bad_indices or step_indices
+            described = [_describe_record(i, records[i]) for i in named]
             pos.skipped_steps += 1
             pos.consecutive_nonfinite += 1
+            pos.skipped.append({"step": pos.step + 1, "records": described})
+            which = "non-finite scores in" if bad_indices else "the step's records"
             logger.warning(
                 f"non-finite loss or gradient at step {pos.step + 1}: step skipped "
-                f"({pos.consecutive_nonfinite} in a row, {pos.skipped_steps} in all)",
+                f"({pos.consecutive_nonfinite} in a row, {pos.skipped_steps} in all); {which}: "
+                f"{'; '.join(described)}",
                 main_process_only=True,
             )
             if pos.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
@@ -386,7 +537,8 @@ def train(
                     f"{pos.consecutive_nonfinite} optimiser steps in a row had a non-finite loss or gradient "
                     f"(at step {pos.step + 1}); stopping. The last good checkpoint is "
                     f"{last_ckpt if last_ckpt is not None else 'none (no checkpoint written yet)'}. Lower the "
-                    "learning rate or β, enable gradient clipping, or check the data."
+                    "learning rate or β, enable gradient clipping, or check the data. Records of the skipped "
+                    f"steps:\n{_list_skipped(pos.skipped[-pos.consecutive_nonfinite:])}"
                 )
             continue
         optimizer.step()
@@ -401,6 +553,37 @@ def train(
         step_metrics["grad_norm"] = torch.as_tensor(grad_norm, dtype=torch.float32, device=accelerator.device)
         window.append(step_metrics)
         bar.update(1)
+
+        # the divergence guard: |loss| rose divergence_factor-fold over the first step's (floor 1)
+        diverged = False
+        if cfg.divergence_patience:
+            step_loss = step_metrics["loss"]
+            step_loss = float((accelerator.reduce(step_loss, reduction="sum") / world).item() if world > 1
+                              else step_loss.item())
+            if pos.first_loss is None:
+                pos.first_loss = step_loss
+            limit = cfg.divergence_factor * max(abs(pos.first_loss), 1.0)
+            diverged = abs(step_loss) > limit
+            pos.consecutive_diverged = pos.consecutive_diverged + 1 if diverged else 0
+            if diverged:
+                logger.warning(
+                    f"step {pos.step} diverged: loss {step_loss:.4g} > divergence_factor {cfg.divergence_factor:g} "
+                    f"× max(|first step's loss {pos.first_loss:.4g}|, 1) = {limit:.4g} "
+                    f"({pos.consecutive_diverged} in a row; the run stops at "
+                    f"divergence_patience={cfg.divergence_patience})",
+                    main_process_only=True,
+                )
+            if pos.consecutive_diverged >= cfg.divergence_patience:
+                bar.close()
+                metrics_log.close()
+                raise DivergenceError(
+                    f"{pos.consecutive_diverged} optimiser steps in a row diverged (loss {step_loss:.4g} at step "
+                    f"{pos.step}, above {limit:.4g} = divergence_factor × max(|first step's loss "
+                    f"{pos.first_loss:.4g}|, 1)); stopping. The last good checkpoint is "
+                    f"{last_ckpt if last_ckpt is not None else 'none (no checkpoint written yet)'}. Lower the "
+                    "learning rate or β, enable gradient clipping (max_grad_norm), or raise divergence_factor / "
+                    "set divergence_patience=null if this loss legitimately grows."
+                )
 
         if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
             stacked = {k: torch.stack([m[k] for m in window]).mean() for k in window[0]}
@@ -421,7 +604,8 @@ def train(
         if cfg.eval_every and eval_records and pos.step % cfg.eval_every == 0:
             metrics_log.log(pos.step, evaluate(adapter, model, eval_records, cfg, accelerator, reference_model))
 
-        if pos.step % cfg.checkpointing_steps == 0 or pos.step == cfg.max_steps:
+        # a diverged step writes no periodic checkpoint: keep-last-k must not prune a good one for it
+        if (pos.step % cfg.checkpointing_steps == 0 and not diverged) or pos.step == cfg.max_steps:
             gathered = full_state_dict(accelerator, model, trainable_only) if sharded(accelerator) else None
             opt_state = optimizer_state(accelerator, model, optimizer)
             last_ckpt = save_checkpoint(
@@ -449,6 +633,16 @@ def train(
             del gathered, opt_state
     bar.close()
     metrics_log.close()
+
+    attempted = pos.step + pos.skipped_steps
+    if cfg.max_skipped_fraction is not None and attempted and pos.skipped_steps / attempted > cfg.max_skipped_fraction:
+        raise NonFiniteLossError(
+            f"{pos.skipped_steps} of {attempted} optimiser steps ({pos.skipped_steps / attempted:.1%}) were skipped "
+            f"for a non-finite loss or gradient, more than max_skipped_fraction={cfg.max_skipped_fraction:g}; "
+            f"final/ was not written (the last checkpoint is {last_ckpt}). Fix or drop these records, or resume "
+            "with train.resume_from=latest train.max_skipped_fraction=null to write final/ from it anyway. "
+            f"Records of the skipped steps:\n{_list_skipped(pos.skipped)}"
+        )
 
     final_dir = None
     if cfg.save_final:

@@ -1,0 +1,156 @@
+"""The training guards: non-finite steps name their records and too many of them fail the run; a diverging
+run stops naming the last good checkpoint; a healthy run warns of neither."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_align.checkpoint import list_checkpoints
+from mm_align.data import PreferencePair
+from mm_align.run_config import TrainConfig
+from mm_align.synthetic import SyntheticAdapter, SyntheticWorld
+from mm_align.trainer import NonFiniteLossError, epoch_batches, train
+
+try:  # added with the divergence guard
+    from mm_align.trainer import DivergenceError
+except ImportError:  # pragma: no cover - the code before the guard
+    DivergenceError = RuntimeError
+
+WORLD = SyntheticWorld(seed=1234)
+
+
+def _cfg(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        loss=["sigmoid"],
+        beta=0.1,
+        learning_rate=1e-2,
+        lr_scheduler="constant",
+        max_steps=20,
+        batch_size=8,
+        checkpointing_steps=5,
+        log_every=1,
+        report_to=["none"],
+        cache_dir=str(tmp_path / "cache"),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@dataclass
+class _SourcedPair(PreferencePair):
+    """A pair that knows the file and row it was read from."""
+
+    source: str | None = None
+    row: int | None = None
+
+
+class _PoisonedRecordsAdapter(SyntheticAdapter):
+    """The policy's chosen score is NaN for the records whose id is in ``bad_ids`` (a NaN reward in the data)."""
+
+    def __init__(self, bad_ids: set[str]) -> None:
+        super().__init__()
+        self.bad_ids = bad_ids
+
+    def collate(self, records, seeds):
+        batch = super().collate(records, seeds)
+        batch["poison"] = torch.tensor([r.id in self.bad_ids for r in records])  # (B,)
+        return batch
+
+    def scores(self, batch, model):
+        s = super().scores(batch, model)
+        if torch.is_grad_enabled():
+            s.chosen = torch.where(batch["poison"], torch.full_like(s.chosen, float("nan")), s.chosen)
+        return s
+
+
+def _sourced(pairs: list[PreferencePair]) -> list[_SourcedPair]:
+    return [
+        _SourcedPair(p.prompt, p.chosen, p.rejected, p.id, p.meta, source="train.jsonl", row=i)
+        for i, p in enumerate(pairs)
+    ]
+
+
+def _in_batches(*batch_numbers: int) -> list[int]:
+    """The first record (by index) of each of these micro-batches of epoch 0 (200 records, batch 8, seed 0)."""
+    batches = epoch_batches(200, 0, 0, 8, 1, 0)
+    return [batches[b][0] for b in batch_numbers]
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_skipped_step_names_its_poisoned_records(tmp_path, caplog):
+    pairs = _sourced(WORLD.pairs(200, seed=7))
+    a, b = _in_batches(2, 6)  # steps 3 and 6 (step 3 is skipped, so batch 6 is step 6)
+    with caplog.at_level(logging.WARNING):
+        result = train(_PoisonedRecordsAdapter({pairs[a].id, pairs[b].id}), pairs,
+                       _cfg(tmp_path, max_skipped_fraction=0.5))
+    assert result.step == 20 and result.skipped_steps == 2
+    skipped = [m for m in _warnings(caplog) if "step skipped" in m]
+    assert len(skipped) == 2
+    # exactly the poisoned records are named (their file row, id and index), none of their batch-mates
+    assert "at step 3" in skipped[0] and f"record train.jsonl row {a}, id 's7-{a}', index {a}" in skipped[0]
+    assert "at step 6" in skipped[1] and f"record train.jsonl row {b}, id 's7-{b}', index {b}" in skipped[1]
+    assert all(m.count("record ") == 1 for m in skipped)
+    assert (tmp_path / "run" / "final").is_dir()  # under the threshold: the run completes
+
+
+def test_records_without_a_source_are_named_by_id_and_index(tmp_path, caplog):
+    pairs = WORLD.pairs(200, seed=7)
+    (a,) = _in_batches(1)
+    with caplog.at_level(logging.WARNING):
+        train(_PoisonedRecordsAdapter({pairs[a].id}), pairs, _cfg(tmp_path, max_steps=4, max_skipped_fraction=None))
+    assert any(f"non-finite scores in: record id 's7-{a}', index {a}" in m for m in _warnings(caplog))
+
+
+def test_a_run_past_the_skipped_threshold_fails_listing_the_records(tmp_path):
+    pairs = _sourced(WORLD.pairs(200, seed=7))
+    bad = _in_batches(1, 4, 9, 15)  # 4 of 24 attempted steps skipped: 17% > 5%
+    match = r"4 of 24 optimiser steps \(16.7%\) were skipped.*max_skipped_fraction=0.05"
+    with pytest.raises(NonFiniteLossError, match=match) as info:
+        train(_PoisonedRecordsAdapter({pairs[i].id for i in bad}), pairs, _cfg(tmp_path))
+    message = str(info.value)
+    for i in bad:
+        assert f"record train.jsonl row {i}, id 's7-{i}', index {i}" in message
+    run = tmp_path / "run"
+    assert not (run / "final").exists()  # nothing more than the run had already saved
+    assert [p.name for p in list_checkpoints(run)][-1] == "checkpoint-20"
+    assert "checkpoint-20" in message
+
+
+def test_a_huge_learning_rate_stops_with_the_divergence_error_naming_the_last_checkpoint(tmp_path, caplog):
+    """lr 1e6 on the synthetic world: step 1's loss is ln 2 (LoRA B = 0), step 2's ≈ 5e8."""
+    cfg = _cfg(tmp_path, learning_rate=1e6, checkpointing_steps=1, max_steps=30)
+    with caplog.at_level(logging.WARNING), pytest.raises(DivergenceError, match=r"diverged.*checkpoint-1\b"):
+        train(SyntheticAdapter(), WORLD.pairs(200, seed=7), cfg)
+    diverged = [m for m in _warnings(caplog) if "diverged" in m]
+    assert len(diverged) == 3  # divergence_patience=3 by default
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1"]  # no diverged step saved
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_the_divergence_guard_can_be_switched_off(tmp_path, caplog):
+    cfg = _cfg(tmp_path, learning_rate=1e6, max_steps=3, divergence_patience=None, max_skipped_fraction=None)
+    with caplog.at_level(logging.WARNING):
+        result = train(SyntheticAdapter(), WORLD.pairs(200, seed=7), cfg)
+    assert result.step == 3
+    assert not [m for m in _warnings(caplog) if "diverged" in m]
+
+
+def test_a_healthy_run_warns_of_nothing(tmp_path, caplog):
+    """The quickstart's settings (lr 3e-3, β 1, LoRA r 16): neither guard fires."""
+    from mm_align.lora import LoraSettings
+
+    cfg = _cfg(tmp_path, max_steps=150, batch_size=64, beta=1.0, learning_rate=3e-3, weight_decay=0.0,
+               lora=LoraSettings(r=16), checkpointing_steps=50, log_every=10)
+    with caplog.at_level(logging.WARNING):
+        result = train(SyntheticAdapter(), WORLD.pairs(3000, seed=1), cfg)
+    assert result.step == 150 and result.skipped_steps == 0
+    assert not [m for m in _warnings(caplog) if "diverged" in m or "skipped" in m]
