@@ -259,7 +259,15 @@ def _check_output_dir(output_dir: Path, cfg: TrainConfig, accelerator: Accelerat
         resumes = bool(cfg.resume_from) and (cfg.resume_from != "latest" or find_latest(output_dir) is not None)
         used = output_dir.is_dir() and any(output_dir.iterdir())
         if used and not resumes:
-            if cfg.overwrite_output_dir:
+            resolved = output_dir.resolve()
+            precious = resolved in (Path.cwd().resolve(), Path.home().resolve(), Path(resolved.anchor))
+            if cfg.overwrite_output_dir and (precious or (output_dir / ".git").exists()):
+                error = (
+                    f"train.overwrite_output_dir=true would delete everything in {output_dir}, which is the working "
+                    "directory, the home directory, the filesystem root or a git checkout; refusing. Point "
+                    "train.output_dir at the run's own directory."
+                )
+            elif cfg.overwrite_output_dir:
                 logger.warning(
                     f"overwrite_output_dir=true: deleting the contents of {output_dir} "
                     f"({_summarise_dir(output_dir)})",
@@ -278,9 +286,9 @@ def _check_output_dir(output_dir: Path, cfg: TrainConfig, accelerator: Accelerat
                 )
                 error = (
                     f"output directory {output_dir} is already used by another run ({why}): it holds "
-                    f"{_summarise_dir(output_dir)}. Training into it would overwrite metrics.jsonl and final/, and "
-                    "the old checkpoints would outrank the new ones (keep-last-k, resume_from=latest). Pass "
-                    "train.resume_from=latest to continue that run, train.overwrite_output_dir=true to delete "
+                    f"{_summarise_dir(output_dir)}. A new run would replace an earlier run's metrics.jsonl and "
+                    "final/, and its old checkpoints would outrank the new ones (keep-last-k, resume_from=latest). "
+                    "Pass train.resume_from=latest to continue that run, train.overwrite_output_dir=true to delete "
                     "its contents and start afresh, or choose another train.output_dir."
                 )
     if accelerator.num_processes > 1:

@@ -123,3 +123,13 @@ def test_synthetic_quickstart_twice_into_one_directory(tmp_path):
     assert second.is_file()
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-5", "checkpoint-10"]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 10
+
+
+def test_overwrite_refuses_to_clear_the_working_directory(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("keep")
+    monkeypatch.chdir(work)
+    with pytest.raises(OutputDirNotEmptyError, match="refusing"):
+        train(SyntheticAdapter(), PAIRS, _cfg(tmp_path, output_dir=".", overwrite_output_dir=True))
+    assert (work / "precious.txt").read_text() == "keep"
