@@ -4,7 +4,8 @@ Each check is a doctor :data:`~mm_align.data.RecordCheck` (``(record, base_dir) 
 reported under its function name:
 
 - ``corrupt_image``: the image cannot be fully decoded (every pixel is decoded with PIL ``.load()``,
-  so a truncated JPEG is caught here rather than at training time);
+  so a truncated JPEG is caught here rather than at training time); empty image bytes are
+  ``"empty file (0 bytes)"`` (a 0-byte image FILE is the core's ``unreadable_file: empty file (0 bytes)``);
 - ``tiny_image``: the shorter side is below ``min_side`` pixels (default :data:`MIN_SIDE` = 64);
 - ``odd_size_image``: the aspect ratio (long side / short side) is above ``max_aspect``
   (default :data:`MAX_ASPECT` = 4).
@@ -113,6 +114,8 @@ def image_values(record: Record) -> list[tuple[str, Any]]:
 @functools.lru_cache(maxsize=8)
 def _probe_bytes(data: bytes) -> _Probe:
     """Decode once; the three checks ask about the same image one after the other."""
+    if not data:
+        return _Probe(None, "empty file (0 bytes)")
     problem = check_image_bytes(data)
     if problem is not None:
         return _Probe(None, problem)
@@ -145,8 +148,8 @@ def _probe(value: Any, base_dir: Path) -> tuple[str, _Probe] | None:
         stat = path.stat()
     except OSError:  # missing: reported by the doctor's missing_file check
         return None
-    if not path.is_file():
-        return None  # a directory with an image name: reported as unreadable_file
+    if not path.is_file() or stat.st_size == 0:
+        return None  # a directory with an image name, or a 0-byte file: the core's unreadable_file reports it
     probe = _probe_file(str(path), stat.st_mtime_ns, stat.st_size)
     return (value.strip(), probe) if probe is not None else None
 

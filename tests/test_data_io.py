@@ -145,7 +145,7 @@ def test_non_strict_read_skips_and_counts_exactly(tmp_path, caplog):
         result = read_preferences(path)
     assert [r.id for r in result.records] == ["r0", "r6"]
     assert result.skipped == [
-        SkippedRow(str(path), 1, "malformed json: Expecting property name enclosed in double quotes (line 2)"),
+        SkippedRow(str(path), 1, "malformed json: Expecting property name enclosed in double quotes (column 2)"),
         SkippedRow(str(path), 2, "missing column: rejected"),
         SkippedRow(str(path), 3, "empty prompt"),
         SkippedRow(str(path), 4, "tie: chosen and rejected are identical"),
@@ -168,14 +168,14 @@ def test_strict_raises_at_the_first_bad_row_naming_file_and_row(tmp_path):
     with pytest.raises(DataError) as info:
         read_preferences(path, strict=True)
     message = str(info.value)
-    assert "bad.jsonl" in message and "row 1" in message and "malformed json" in message
-    assert "row 2" not in message
+    assert "bad.jsonl:2: malformed json" in message  # line 2 of the file, 1-based as editors count
+    assert "row" not in message and "line 1" not in message
 
 
 def test_strict_names_a_missing_column_row(tmp_path):
     path = _write_lines(tmp_path / "d.jsonl", [json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})] * 3
                         + [json.dumps({"prompt": "p", "rejected": "b"})])
-    with pytest.raises(DataError, match=r"d\.jsonl: row 3: missing column: chosen"):
+    with pytest.raises(DataError, match=r"d\.jsonl:4: missing column: chosen"):
         read_preferences(path, strict=True)
 
 
@@ -222,7 +222,7 @@ def test_parquet_shards_row_index_continues_and_the_shard_is_named(tmp_path):
     assert [r.prompt for r in result.records] == ["p0", "p1", "p2", "p3", "p5"]
     assert result.skipped == [SkippedRow(str(shards / "part-00001.parquet"), 4, "empty prompt")]
     assert [i for i, _, _ in iter_rows(shards)] == [0, 1, 2, 3, 4, 5]
-    with pytest.raises(DataError, match=r"part-00001\.parquet: row 4 \(row 1 of this shard\): empty prompt"):
+    with pytest.raises(DataError, match=r"part-00001\.parquet: row 1 \(0-based; row 4 of the dataset\): empty prompt"):
         read_preferences(shards, strict=True)
 
 
@@ -246,7 +246,7 @@ def test_unpaired_labels(tmp_path):
         (8, "tie: label 0.5"), (9, "bad label: 'maybe'"), (10, "bad label: None")
     ]
     assert result.skipped_by_reason() == {"tie": 1, "bad label": 2}
-    with pytest.raises(DataError, match=r"u\.jsonl: row 8: tie"):
+    with pytest.raises(DataError, match=r"u\.jsonl:9: tie"):
         read_preferences(path, kind="unpaired", strict=True)
 
 

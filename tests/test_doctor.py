@@ -55,13 +55,13 @@ def test_every_problem_is_found_and_counted(tmp_path):
     assert report.ok is False
     examples = {f.check: f.examples for f in report.findings}
     assert examples["missing_file"] == [
-        "data.jsonl:1: missing file missing.png",
-        "data.jsonl:8: missing file gone.jpg",
+        "data.jsonl:2: missing file missing.png",
+        "data.jsonl:9: missing file gone.jpg",
     ]
-    assert examples["unreadable_file"][0].startswith("data.jsonl:2: unreadable file dir.png")
-    assert examples["duplicate"] == ["data.jsonl:4: same as data.jsonl:0"]
-    assert examples["malformed_json"][0].startswith("data.jsonl:6: malformed json")
-    assert examples["missing_column"] == ["data.jsonl:7: missing column: rejected"]
+    assert examples["unreadable_file"][0].startswith("data.jsonl:3: unreadable file dir.png")
+    assert examples["duplicate"] == ["data.jsonl:5: same as data.jsonl:1"]
+    assert examples["malformed_json"][0].startswith("data.jsonl:7: malformed json")
+    assert examples["missing_column"] == ["data.jsonl:8: missing column: rejected"]
 
 
 def test_table_lists_every_check_in_fixed_width_columns(tmp_path):
@@ -71,7 +71,8 @@ def test_table_lists_every_check_in_fixed_width_columns(tmp_path):
         assert finding.check in table
     assert "ERRORS FOUND" in table
     rows = [line for line in table.splitlines() if " | " in line]
-    assert len(rows) == 1 + len(report.findings)  # header + one line per finding
+    checks = [line for line in rows if not line.startswith(" ")]
+    assert len(checks) == 1 + len(report.findings)  # header + one first line per finding (more examples below)
     separators = {tuple(i for i in range(len(line)) if line.startswith(" | ", i))[:3] for line in rows}
     assert len(separators) == 1  # the columns line up
     assert [c.strip() for c in rows[0].split(" | ")] == ["check", "severity", "count", "example"]
@@ -102,7 +103,7 @@ def test_warnings_alone_keep_ok_true(tmp_path):
     ])
     report = doctor(path)
     assert _by_check(report) == {"tie": ("warning", 1), "duplicate": ("warning", 1)}
-    assert report.findings[1].examples == ["d.jsonl:2: same as d.jsonl:1"]
+    assert report.findings[1].examples == ["d.jsonl:3: same as d.jsonl:2"]
     assert report.ok is True
 
 
@@ -122,7 +123,7 @@ def test_custom_check_is_run_and_reported_under_its_name(tmp_path):
     assert seen == [tmp_path, tmp_path]
     found = {f.check: f for f in report.findings}
     assert found["prompt_too_short"].count == 1 and found["prompt_too_short"].severity == "error"
-    assert found["prompt_too_short"].examples == ["d.jsonl:1: prompt has 2 characters"]
+    assert found["prompt_too_short"].examples == ["d.jsonl:2: prompt has 2 characters"]
     assert found["crashing_check"].count == 2 and "boom" in found["crashing_check"].examples[0]
     assert report.ok is False and report.valid == 0
     assert "prompt_too_short" in report.table() and "crashing_check" in report.table()
@@ -147,8 +148,10 @@ def test_parquet_shards_bytes_duplicates_and_shard_names(tmp_path):
     report = doctor(shards, columns=ColumnMap(prompt="caption"))
     assert _by_check(report) == {"empty_prompt": ("error", 1), "duplicate": ("warning", 1)}
     examples = {f.check: f.examples for f in report.findings}
-    assert examples["empty_prompt"] == ["b.parquet:2 (shard row 0): empty prompt"]
-    assert examples["duplicate"] == ["b.parquet:3 (shard row 1): same as a.parquet:0"]
+    assert examples["empty_prompt"] == ["b.parquet: row 0 (0-based; row 2 of the dataset): empty prompt"]
+    assert examples["duplicate"] == [
+        "b.parquet: row 1 (0-based; row 3 of the dataset): same as a.parquet: row 0 (0-based)"
+    ]
     assert (report.rows, report.valid) == (4, 3)
 
 
@@ -158,7 +161,7 @@ def test_unpaired_bad_labels(tmp_path):
         f.write(json.dumps({"prompt": "r", "completion": "e", "label": "maybe"}) + "\n")
     report = doctor(path, kind="unpaired")
     assert _by_check(report) == {"bad_label": ("error", 1)}
-    assert report.findings[0].examples[0].startswith("u.jsonl:2: bad label: 'maybe'")
+    assert report.findings[0].examples[0].startswith("u.jsonl:3: bad label: 'maybe'")
 
 
 def test_check_referenced_files_directly(tmp_path):

@@ -9,9 +9,16 @@ first. Built-in checks (the check name, then its severity):
   ``empty_rejected``, ``empty_completion`` (errors): rows the readers skip;
 - ``tie`` (warning): identical chosen and rejected, or label 0.5 — the readers drop them;
 - ``duplicate`` (warning): the same prompt, chosen and rejected (or completion and label) as an earlier row;
-- ``missing_file``, ``unreadable_file`` (errors): see :func:`check_referenced_files`;
+- ``non_finite`` (error): a NaN or infinite number anywhere in a row (a reward in a meta column, a float
+  in a prompt list, ...); the example names the field, e.g. ``"d.jsonl:3: field 'scores[1]' is nan"``;
+- ``missing_file``, ``unreadable_file`` (errors): see :func:`check_referenced_files` (a 0-byte file is
+  ``unreadable file x.png: empty file (0 bytes)``);
+- ``no_rows`` (error): the dataset has no rows at all (``"empty file (0 bytes)"`` for a 0-byte file);
 - plus one check per function in ``checks`` (error), named after the function, which modality
   packages use for corrupt or tiny images, wrong sample rates, etc.
+
+Examples locate rows as users find them: ``"d.jsonl:4"`` is LINE 4 of a jsonl file (1-based, as editors
+and ``grep -n`` count); ``"d.parquet: row 3 (0-based)"`` is ``pandas.read_parquet(...).iloc[3]``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +35,10 @@ from typing import Any, Literal
 from mm_align.data.io import RawRow, iter_source_rows, row_to_record
 from mm_align.data.records import ColumnMap, DataError, PreferencePair, UnpairedSample
 
-__all__ = ["Finding", "DoctorReport", "RecordCheck", "doctor", "check_referenced_files", "FILE_EXTENSIONS"]
+__all__ = [
+    "Finding", "DoctorReport", "RecordCheck", "doctor", "check_referenced_files", "non_finite_fields",
+    "FILE_EXTENSIONS",
+]
 
 RecordCheck = Callable[[PreferencePair | UnpairedSample, Path], list[str]]
 """A per-record check: ``(record, base_dir) -> problems``, each a short string; an empty list = fine."""
@@ -36,6 +47,7 @@ FILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".wav", ".f
                    ".avi", ".mov", ".webm", ".npy", ".pt", ".safetensors")
 _WARNINGS = frozenset({"tie", "duplicate"})
 _MAX_EXAMPLES = 5
+_TABLE_EXAMPLES = 3  # examples shown per check in the table (the report keeps up to _MAX_EXAMPLES)
 _MAX_EXAMPLE_CHARS = 160
 
 
@@ -81,14 +93,23 @@ class DoctorReport:
             finding.examples.append(example)
 
     def table(self) -> str:
-        """A fixed-width summary table: ``check | severity | count | example`` (the first example).
+        """A fixed-width summary table: ``check | severity | count | example``.
+
+        Each check shows up to 3 examples, one per line (the check's later lines leave the first three
+        columns blank), and ``... and N more`` when it flagged more rows than that.
 
         Returns:
-            `str`: the header, a rule, one line per finding (or a "no problems found" line), and a
-            closing line with the row counts and the verdict.
+            `str`: the header, a rule, the findings' lines (or a "no problems found" line), and a
+            closing line with the row counts and the verdict (printed once, here).
         """
         header = ("check", "severity", "count", "example")
-        body = [(f.check, f.severity, str(f.count), _clip(f.examples[0] if f.examples else "")) for f in self.findings]
+        body: list[tuple[str, str, str, str]] = []
+        for f in self.findings:
+            shown = f.examples[:_TABLE_EXAMPLES] or [""]
+            body.append((f.check, f.severity, str(f.count), _clip(shown[0])))
+            body += [("", "", "", _clip(example)) for example in shown[1:]]
+            if f.count > len(shown):
+                body.append(("", "", "", f"... and {f.count - len(shown)} more"))
         widths = [max(len(r[k]) for r in [header, *body]) for k in range(3)]
 
         def line(r: tuple[str, str, str, str]) -> str:
@@ -97,13 +118,38 @@ class DoctorReport:
         lines = [line(header), "-+-".join("-" * w for w in widths) + "-+-" + "-" * 7]
         lines += [line(r) for r in body] if body else ["(no problems found)"]
         verdict = "OK" if self.ok else "ERRORS FOUND"
-        lines.append(f"{self.source}: {self.rows} rows, {self.valid} valid: {verdict}")
+        lines.append(f"{self.source}: {self.rows} rows, {self.valid} valid — {verdict}")
         return "\n".join(lines)
 
 
 def _clip(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= _MAX_EXAMPLE_CHARS else text[: _MAX_EXAMPLE_CHARS - 3] + "..."
+
+
+def _non_finite(value: Any, name: str) -> Iterator[str]:
+    """``"field 'NAME' is nan"`` for every NaN/inf float in a row value, at any depth (``a.b``, ``a[2]``)."""
+    if isinstance(value, float):  # bools and ints are finite; numpy floats subclass float
+        if not math.isfinite(value):
+            yield f"field '{name}' is {value}"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _non_finite(v, f"{name}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _non_finite(v, f"{name}[{i}]")
+
+
+def non_finite_fields(row: dict[str, Any]) -> list[str]:
+    """The NaN / infinite numbers of a raw row, each named by its field path.
+
+    Args:
+        row: A raw row (column name -> value), as :func:`~mm_align.data.io.iter_source_rows` gives it.
+
+    Returns:
+        `list[str]`: e.g. ``["field 'reward' is nan", "field 'prompt[1]' is inf"]``.
+    """
+    return [problem for column, value in row.items() for problem in _non_finite(value, str(column))]
 
 
 def _candidate_paths(value: Any) -> list[str]:
@@ -126,7 +172,8 @@ def check_referenced_files(record: PreferencePair | UnpairedSample, base_dir: Pa
         base_dir: The directory relative paths are relative to (the dataset file's directory).
 
     Returns:
-        `list[str]`: ``"missing file <name>"`` / ``"unreadable file <name>: <why>"`` problems.
+        `list[str]`: ``"missing file <name>"`` / ``"unreadable file <name>: <why>"`` problems (a 0-byte
+        file is ``"unreadable file <name>: empty file (0 bytes)"``).
     """
     values = (record.chosen, record.rejected) if isinstance(record, PreferencePair) else (record.completion,)
     problems: list[str] = []
@@ -140,9 +187,12 @@ def check_referenced_files(record: PreferencePair | UnpairedSample, base_dir: Pa
                 continue
             try:
                 with path.open("rb") as f:
-                    f.read(1)
+                    first = f.read(1)
             except OSError as exc:
                 problems.append(f"unreadable file {name}: {exc.strerror or exc}")
+                continue
+            if not first:
+                problems.append(f"unreadable file {name}: empty file (0 bytes)")
     return problems
 
 
@@ -211,9 +261,7 @@ def doctor(
     try:
         for raw in rows(p) if rows is not None else iter_source_rows(p, format):
             report.rows += 1
-            where = f"{Path(raw.source).name}:{raw.row}"
-            if raw.file_row != raw.row:
-                where += f" (shard row {raw.file_row})"
+            where = raw.where(Path(raw.source).name)  # "d.jsonl:LINE" / "d.parquet: row N (0-based)"
             if raw.data is None:
                 record = raw.error
             else:
@@ -231,6 +279,9 @@ def doctor(
             else:
                 seen[key] = where
             ok = True
+            for problem in non_finite_fields(raw.data or {}):
+                report.add("non_finite", f"{where}: {problem}")
+                ok = False
             for problem in check_referenced_files(record, base_dir):
                 check = "missing_file" if problem.startswith("missing") else "unreadable_file"
                 report.add(check, f"{where}: {problem}")
@@ -247,4 +298,7 @@ def doctor(
             report.valid += ok
     except DataError as exc:
         report.add("unreadable", str(exc), "error")
+    if report.rows == 0 and not report.findings:
+        empty = p.is_file() and p.stat().st_size == 0
+        report.add("no_rows", f"{p.name}: {'empty file (0 bytes)' if empty else 'no rows'}", "error")
     return report

@@ -3,10 +3,13 @@
 Documented behaviour of the readers:
 
 - A bad row is SKIPPED AND COUNTED: the :class:`ReadResult` lists each skipped row with its file,
-  its 0-based row index and a reason, and one logger warning at the end of the read summarises the
-  counts per reason. Reasons are ``"<category>: <detail>"``: ``"malformed json: Expecting value
-  (line 7)"``, ``"missing column: rejected"``, ``"empty prompt"``, ``"empty chosen"``, ``"tie: chosen
-  and rejected are identical"``, ``"tie: label 0.5"``, ``"bad label: 'maybe' (...)"``.
+  its 0-based row index (and, for jsonl, its 1-based line number) and a reason, and one logger warning
+  at the end of the read summarises the counts per reason. Reasons are ``"<category>: <detail>"``:
+  ``"malformed json: Expecting value"``, ``"missing column: rejected"``, ``"empty prompt"``, ``"empty
+  chosen"``, ``"tie: chosen and rejected are identical"``, ``"tie: label 0.5"``, ``"bad label: 'maybe' (...)"``.
+- Messages locate a row the way a user finds it in the file: ``"data.jsonl:7"`` (the 1-based LINE of a
+  jsonl file, as editors and ``grep -n`` count) and ``"data.parquet: row 6 (0-based)"`` for parquet and
+  HF datasets (the index ``pandas``/``datasets`` give it; see :func:`locate`).
 - ``strict=True`` raises :class:`DataError` at the first bad row, naming the file, the row and the reason.
 - A dataset that does not exist or cannot be opened at all always raises :class:`DataError` naming it.
 - Ties are never treated as wins.
@@ -27,7 +30,15 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from mm_align.data.records import ColumnMap, DataError, PreferencePair, ReadResult, SkippedRow, UnpairedSample
+from mm_align.data.records import (
+    ColumnMap,
+    DataError,
+    PreferencePair,
+    ReadResult,
+    SkippedRow,
+    UnpairedSample,
+    locate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +47,7 @@ __all__ = [
     "detect_format",
     "is_empty",
     "iter_rows",
+    "locate",
     "iter_source_rows",
     "read_preferences",
     "row_to_record",
@@ -46,13 +58,17 @@ Format = Literal["jsonl", "parquet", "hf"]
 FORMATS: tuple[str, ...] = ("jsonl", "parquet", "hf")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _BATCH = 1024  # rows decoded at a time from parquet / arrow
+READ_SUMMARY = "mm_align_read_summary"
+"""The attribute set on the one log record that summarises a read's skipped rows (a CLI that prints
+the same summary itself filters this record out, so the counts are not shown twice)."""
 
 
 class RawRow(NamedTuple):
     """One row as the raw layer sees it, before it becomes a record.
 
     ``row`` is the dataset-wide 0-based index (for a directory of parquet shards it continues across
-    shards); ``file_row`` is the index inside ``source`` (equal to ``row`` except for later shards).
+    shards); ``file_row`` is the index inside ``source`` (equal to ``row`` except for later shards);
+    ``line`` is the 1-based line number of a jsonl row (``None`` for columnar formats).
     Exactly one of ``data`` and ``error`` is ``None``.
     """
 
@@ -61,11 +77,15 @@ class RawRow(NamedTuple):
     file_row: int
     data: dict[str, Any] | None
     error: str | None
+    line: int | None = None
 
-    def where(self) -> str:
-        """``"<source>: row N"`` (plus the row inside the shard when it differs)."""
-        shard = f" (row {self.file_row} of this shard)" if self.file_row != self.row else ""
-        return f"{self.source}: row {self.row}{shard}"
+    def where(self, source: str | None = None) -> str:
+        """``"<source>:LINE"`` for jsonl, ``"<source>: row N (0-based)"`` otherwise (see :func:`locate`).
+
+        Args:
+            source: Name the file this way instead (e.g. just its base name).
+        """
+        return locate(self.source if source is None else source, self.row, self.file_row, self.line)
 
 
 def detect_format(path: str | Path) -> Format:
@@ -166,11 +186,11 @@ def _jsonl_rows(p: Path) -> Iterator[RawRow]:
         raise DataError(f"{p}: cannot open: {exc.strerror or exc}") from exc
     source = str(p)
     with f:
-        for i, raw in enumerate(f):
+        for i, raw in enumerate(f):  # i: the 0-based line index; the message says line i + 1 (see locate)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield RawRow(source, i, i, None, f"malformed json: not UTF-8 text ({exc.reason}) (line {i + 1})")
+                yield RawRow(source, i, i, None, f"malformed json: not UTF-8 text ({exc.reason})", i + 1)
                 continue
             if i == 0:
                 line = line.lstrip("\ufeff")  # a byte-order mark some editors write
@@ -179,12 +199,13 @@ def _jsonl_rows(p: Path) -> Iterator[RawRow]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                yield RawRow(source, i, i, None, f"malformed json: {exc.msg} (line {i + 1})")
+                yield RawRow(source, i, i, None, f"malformed json: {exc.msg} (column {exc.colno})", i + 1)
                 continue
             if not isinstance(row, dict):
-                yield RawRow(source, i, i, None, f"malformed json: a row must be an object, got {type(row).__name__}")
+                yield RawRow(source, i, i, None,
+                             f"malformed json: a row must be an object, got {type(row).__name__}", i + 1)
                 continue
-            yield RawRow(source, i, i, row, None)
+            yield RawRow(source, i, i, row, None, i + 1)
 
 
 def _parquet_rows(p: Path) -> Iterator[RawRow]:
@@ -384,13 +405,14 @@ def read_rows(
         if isinstance(result, str):
             if strict:
                 raise DataError(f"{raw.where()}: {result}")
-            skipped.append(SkippedRow(raw.source, raw.row, result))
+            skipped.append(SkippedRow(raw.source, raw.row, result, raw.line, raw.file_row))
         else:
             records.append(result)
     out = ReadResult(records, skipped, str(path))
     if skipped:
         counts = ", ".join(f"{reason}: {n}" for reason, n in out.skipped_by_reason().items())
-        logger.warning("%s: kept %d rows, skipped %d bad rows (%s)", path, len(records), len(skipped), counts)
+        logger.warning("%s: kept %d rows, skipped %d bad rows (%s)", path, len(records), len(skipped), counts,
+                       extra={READ_SUMMARY: True})
     return out
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DataError", "PreferencePair", "UnpairedSample", "SkippedRow", "ReadResult", "ColumnMap"]
+__all__ = ["DataError", "PreferencePair", "UnpairedSample", "SkippedRow", "ReadResult", "ColumnMap", "locate"]
 
 
 class DataError(ValueError):
@@ -51,6 +51,26 @@ class UnpairedSample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def locate(source: str, row: int, file_row: int | None = None, line: int | None = None) -> str:
+    """Where a row is, as a user finds it in the file.
+
+    Args:
+        source: The file (or directory) the row is in.
+        row: The dataset-wide 0-based row index.
+        file_row: The 0-based index inside ``source`` (differs from ``row`` for later parquet shards).
+        line: The 1-based line number of a jsonl row; ``None`` for columnar formats.
+
+    Returns:
+        `str`: ``"data.jsonl:7"`` for a jsonl line; ``"data.parquet: row 6 (0-based)"`` otherwise, with
+        ``"; row 1030 of the dataset"`` added for a row of a later shard.
+    """
+    if line is not None:
+        return f"{source}:{line}"
+    local = row if file_row is None else file_row
+    dataset = f"; row {row} of the dataset" if local != row else ""
+    return f"{source}: row {local} (0-based{dataset})"
+
+
 @dataclass
 class SkippedRow:
     """A row a reader skipped, and why.
@@ -60,11 +80,19 @@ class SkippedRow:
         row: 0-based row index. For jsonl the line index; for a directory of parquet shards the index
             continues across the shards (sorted by name).
         reason: ``"<category>: <detail>"`` or just ``"<category>"``, e.g. ``"missing column: rejected"``.
+        line: For jsonl, the 1-based line number (``row + 1``) that messages quote; ``None`` otherwise.
+        file_row: The 0-based index inside ``source`` (``None`` = ``row``; differs for later shards).
     """
 
     source: str
     row: int
     reason: str
+    line: int | None = field(default=None, compare=False)  # derived from row; == ignores it
+    file_row: int | None = field(default=None, compare=False)
+
+    def where(self) -> str:
+        """``"<source>:LINE"`` for jsonl, ``"<source>: row N (0-based)"`` otherwise (as in every message)."""
+        return locate(self.source, self.row, self.file_row, self.line)
 
 
 @dataclass
