@@ -35,6 +35,7 @@ from mm_align.image.toyworld.shapes import resolve_model
 from PIL import Image
 
 from mm_align.atomic import atomic_write_json, atomic_write_text
+from mm_align.help_format import HelpFormatter
 from mm_align.stats import mean_interval, win_rate
 
 __all__ = ["bench_main", "bench", "Variant", "parse_variant"]
@@ -201,17 +202,19 @@ def _md_table_html(markdown: str) -> str:
 
 def bench_main(argv: list[str]) -> int:
     """The ``mm-align bench image`` command line."""
-    p = argparse.ArgumentParser(prog="mm-align bench image", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mm-align bench image", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="diffusers model directory or hub id ('shapes' = the shipped one)")
-    p.add_argument("--prompts", default="shapes:heldout")
+    p.add_argument("--prompts", default="shapes:heldout",
+                   help="shapes:heldout (default), shapes:train, a .txt (one prompt a line) or a .jsonl file")
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=lora:DIR, NAME=lora_cond:DIR (conditional branch only) or NAME=npo:DIR (repeatable)")
-    p.add_argument("--baseline", default="base")
+    p.add_argument("--baseline", default="base", help="the variant the others' win rates are against (default: base)")
     p.add_argument("--evaluator", action="append", required=True, help="type:key=value,... (repeatable)")
     p.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR: training curves for the report")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument("--out", required=True, help="output directory: results.json, results.md, report.html")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise, the same for every variant")
+    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts (default: all)")
     add_sampler_args(p)
     args = p.parse_args(argv)
     variants = [Variant("base", "base")] + [parse_variant(v) for v in args.variant if v != "base"]

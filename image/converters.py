@@ -57,6 +57,7 @@ from mm_align.image.pair_writers import WRITERS, write_image_jsonl, write_pair_f
 
 from mm_align.data import DataError, SkippedRow
 from mm_align.data.io import JSONL_SUFFIXES
+from mm_align.help_format import HelpFormatter
 
 __all__ = [
     "FORMATS",
@@ -168,12 +169,15 @@ def convert_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mm-align convert image",
         description="Convert image preference pairs between Pick-a-Pic parquet, pair folders and jsonl.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("src", help="source: parquet / shard dir / HF dir (pickapic), a directory (pair_folders), "
                                     "or .jsonl")
     parser.add_argument("dst", help="destination: .parquet (pickapic), .jsonl (jsonl) or a directory (pair_folders)")
-    parser.add_argument("--from", dest="src_format", choices=choices, default="auto", help="source format")
-    parser.add_argument("--to", dest="dst_format", choices=choices, default="auto", help="destination format")
+    parser.add_argument("--from", dest="src_format", choices=choices, default="auto",
+                        help="source format (default: auto, from the path and its columns)")
+    parser.add_argument("--to", dest="dst_format", choices=choices, default="auto",
+                        help="destination format (default: auto, from the destination's suffix)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
     args = parser.parse_args(argv)
     try:

@@ -30,6 +30,7 @@ from mm_align.image.sampling import resolve_device
 from PIL import Image
 
 from mm_align.config import ConfigError, from_dict, option
+from mm_align.help_format import HelpFormatter
 
 __all__ = [
     "Evaluator", "ClipScoreConfig", "ClipScore", "HPSv2Config", "HPSv2", "PickScoreConfig", "PickScore",
@@ -469,13 +470,14 @@ def evaluate(path: str | Path, evaluators: list[Any], out: Path | None = None, b
 
 def evaluate_main(argv: list[str]) -> int:
     """``mm-align evaluate image``: score samples or preference pairs with one or more evaluators."""
-    p = argparse.ArgumentParser(prog="mm-align evaluate image", description=evaluate_main.__doc__)
+    p = argparse.ArgumentParser(prog="mm-align evaluate image", description=evaluate_main.__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("input", help="samples (generate output dir / jsonl of image+prompt) or pairs (Pick-a-Pic "
                                  "parquet, pair folders, jsonl pairs)")
     p.add_argument("--evaluator", action="append", required=True,
                    help=f"type:key=value,... with type in {sorted(EVALUATORS)}, shapes_oracle or "
                         "shapes_oracle_attributes (repeatable)")
-    p.add_argument("--out", help="write scores.jsonl + summary.json here")
+    p.add_argument("--out", help="write scores.jsonl + summary.json here (default: print the summary only)")
     p.add_argument("--batch", type=int, default=64, help="images loaded per step")
     args = p.parse_args(argv)
     summary = evaluate(args.input, build_scorers(args.evaluator), Path(args.out) if args.out else None, args.batch)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from mm_align.atomic import atomic_write_json, atomic_write_text
 from mm_align.data.pairs import Candidate, MetricRule, build_pairs
+from mm_align.help_format import HelpFormatter
 
 # build_scorers and parse_evaluator_arg live in mm_align.image.evaluators; importable from here as before
 __all__ = ["generate_main", "generate", "read_prompts", "image_seed", "build_scorers", "parse_evaluator_arg",
@@ -202,17 +203,20 @@ def _write_pairs(out: Path, result: Any, model: str) -> None:
 
 def generate_main(argv: list[str]) -> int:
     """The ``mm-align generate image`` command line."""
-    p = argparse.ArgumentParser(prog="mm-align generate image", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mm-align generate image", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="diffusers model directory or hub id ('shapes' = the shipped one)")
     p.add_argument("--lora", default=None, help="a LoRA directory (diffusers format) fused into the model")
     p.add_argument("--prompts", required=True, help="shapes:train, shapes:heldout, a .txt or a .jsonl file")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output directory: pairs.parquet (Pick-a-Pic), the images, index.html")
     p.add_argument("--evaluator", action="append", required=True, help="type:key=value,... (repeatable)")
-    p.add_argument("--samples-per-prompt", type=int, default=4)
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="images drawn per prompt (default: 4)")
     p.add_argument("--margin", action="append", default=[], help="evaluator=margin (a winner must beat by more)")
-    p.add_argument("--strategy", choices=("best_vs_worst", "all_pairs"), default="best_vs_worst")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument("--strategy", choices=("best_vs_worst", "all_pairs"), default="best_vs_worst",
+                   help="best_vs_worst: at most one pair per prompt; all_pairs: every pair past the margins")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed; each image's seed derives from it, the prompt and the sample number")
+    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts (default: all)")
     add_sampler_args(p)
     args = p.parse_args(argv)
     margins = {}
