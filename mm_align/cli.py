@@ -164,10 +164,23 @@ def _raised_loading_a_model(exc: BaseException) -> bool:
     return False
 
 
-def _model_paths(model: dict[str, Any]) -> list[str]:
-    """The values of a ``model:`` section that name a model (``pretrained``, ``*_path``, ``*model*``)."""
-    return [str(v) for k, v in model.items()
-            if isinstance(v, (str, Path)) and (k == "pretrained" or k.endswith("_path") or "model" in k)]
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, (str, Path)):
+        yield str(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _failed_model(model: dict[str, Any], message: str) -> str:
+    """The ``model:`` value the loader failed on: the one its message names, else ``model.pretrained``."""
+    named = [v for v in _strings(model) if v and v.rstrip("/") in message]
+    if named:
+        return max(named, key=len)
+    return str(model.get("pretrained", "the model"))
 
 
 def cmd_train(config: str, overrides: Sequence[str]) -> int:
@@ -181,8 +194,7 @@ def cmd_train(config: str, overrides: Sequence[str]) -> int:
         if not _raised_loading_a_model(exc):
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        paths = _model_paths(run_config.model)
-        named = paths[0] if paths else "the model"
+        named = _failed_model(run_config.model, str(exc))
         print(f"error: {named}: not a diffusers/transformers model directory (nor a model id in the local cache): "
               f"{first}", file=sys.stderr)
         return 2
