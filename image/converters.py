@@ -112,7 +112,7 @@ class ConvertSummary:
         if self.skipped:
             counts = ", ".join(f"{k}: {n}" for k, n in self.skipped_by_reason().items())
             lines[0] += f"; skipped {len(self.skipped)} rows ({counts})"
-            lines += [f"  {s.source}: row {s.row}: {s.reason}" for s in self.skipped[:_MAX_LISTED_SKIPS]]
+            lines += [f"  {s.where()}: {s.reason}" for s in self.skipped[:_MAX_LISTED_SKIPS]]
             if len(self.skipped) > _MAX_LISTED_SKIPS:
                 lines.append(f"  ... and {len(self.skipped) - _MAX_LISTED_SKIPS} more")
         lines.append(f"wrote {self.written} pairs to {self.dst} ({self.dst_format})")

@@ -117,7 +117,7 @@ def test_strict_data_stops_at_the_bad_row(tmp_path, capsys):
         f.write("{not json\n")
     assert main(["train", "--config", str(_config(tmp_path, path)), "data.strict=true"]) == 2
     err = capsys.readouterr().err
-    assert f"{path}: row 10: malformed json" in err  # the file and the 0-based row of the bad line
+    assert f"{path}:11: malformed json" in err  # the file and the 1-based line of the bad row
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -136,7 +136,7 @@ def test_doctor_exit_codes(tmp_path, data, capsys):
     assert main(["doctor", str(bad)]) == 1
     out = capsys.readouterr().out
     assert f"{bad}: 1 rows, 0 valid — ERRORS FOUND" in out
-    assert "empty_prompt" in out and "bad.jsonl:0: empty prompt" in out  # the check, the file and the row
+    assert "empty_prompt" in out and "bad.jsonl:1: empty prompt" in out  # the check, the file and the line
 
 
 def test_ls_lists_losses_adapters_configs(capsys):

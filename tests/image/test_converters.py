@@ -79,7 +79,7 @@ def test_per_id_folders_read_skip_and_count(folders):
     assert by_source["4"] == (2, "missing prompt: no prompt.txt in 4")
     assert by_source["5"][1] == "missing rejected: no rejected.png/.jpg/... in 5"
     assert by_source["8"][1] == "ambiguous image: 8 has chosen.jpg and chosen.png"
-    with pytest.raises(DataError, match=r"pairs/4: row 2: missing prompt: no prompt.txt in 4"):
+    with pytest.raises(DataError, match=r"pairs/4: row 2 \(0-based\): missing prompt: no prompt.txt in 4"):
         read_pair_folders(folders, strict=True)
 
 
@@ -119,7 +119,7 @@ def test_split_layout(tmp_path):
         ("rejected", 4): "no prompt: rejected/0009.jpg has no row in prompts.jsonl (id 0009)",
     }
     assert reasons[("prompts.jsonl", 3)].startswith("malformed json:")
-    with pytest.raises(DataError, match=r"prompts.jsonl: row 2: missing rejected"):
+    with pytest.raises(DataError, match=r"prompts.jsonl:3: missing rejected"):
         read_pair_folders(root, strict=True)
     assert detect_image_format(root) == "pair_folders"
     (root / "prompts.jsonl").unlink()
@@ -254,7 +254,7 @@ def test_jsonl_source_skips_missing_corrupt_and_text(tmp_path):
     assert [r.prompt for r in result.records] == ["ok"]
     assert [(s.row, s.reason.split(":")[0]) for s in result.skipped] == [
         (1, "missing file"), (2, "corrupt image"), (3, "not an image")]
-    with pytest.raises(DataError, match=r"src.jsonl: row 1: missing file: chosen: nope.png"):
+    with pytest.raises(DataError, match=r"src.jsonl:2: missing file: chosen: nope.png"):
         convert(src, tmp_path / "x.parquet", strict=True)
     assert not (tmp_path / "x.parquet").exists()
     with pytest.raises(DataError, match="same"):

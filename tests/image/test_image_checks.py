@@ -74,14 +74,14 @@ def test_doctor_flags_exactly_the_bad_images_by_check_and_row(bad_dataset):
     found = _examples(report)
     assert set(found) == {"corrupt_image", "tiny_image", "odd_size_image", "missing_file"}
     assert len(found["corrupt_image"]) == 1
-    assert found["corrupt_image"][0].startswith("data.jsonl:1: chosen: truncated.jpg: ")
+    assert found["corrupt_image"][0].startswith("data.jsonl:2: chosen: truncated.jpg: ")
     assert "truncated" in found["corrupt_image"][0]
     assert found["tiny_image"] == [
-        "data.jsonl:2: rejected: tiny.png is 16x16 px (shorter side 16 < 64)",
-        "data.jsonl:3: chosen: wide.png is 512x40 px (shorter side 40 < 64)",
+        "data.jsonl:3: rejected: tiny.png is 16x16 px (shorter side 16 < 64)",
+        "data.jsonl:4: chosen: wide.png is 512x40 px (shorter side 40 < 64)",
     ]
-    assert found["odd_size_image"] == ["data.jsonl:3: chosen: wide.png is 512x40 px (aspect 12.8 > 4)"]
-    assert found["missing_file"] == ["data.jsonl:5: missing file missing.png"]  # reported once, by the core
+    assert found["odd_size_image"] == ["data.jsonl:4: chosen: wide.png is 512x40 px (aspect 12.8 > 4)"]
+    assert found["missing_file"] == ["data.jsonl:6: missing file missing.png"]  # reported once, by the core
     assert {f.check: f.severity for f in report.findings} == dict.fromkeys(found, "error")
     assert report.rows == 6 and report.valid == 2  # the good row and the text row
     assert not report.ok

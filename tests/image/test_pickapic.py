@@ -51,7 +51,7 @@ def test_bad_rows_are_reported_and_counted(shard):
     first, second = result.records[0], result.records[1]
     assert first.chosen == _jpeg(100) and first.rejected == _jpeg(0)  # row 0: label_0 = 0
     assert second.chosen == _jpeg(1) and second.meta["winner"] == 0
-    with pytest.raises(DataError, match=r"train-00000.parquet: row 2: tie"):
+    with pytest.raises(DataError, match=r"train-00000.parquet: row 2 \(0-based\): tie"):
         read_pickapic(shard, strict=True)
 
 
