@@ -266,7 +266,7 @@ def test_cli_convert(tmp_path, folders, capsys):
     assert main(["convert", "image", str(folders), str(dst), "--to", "pickapic"]) == 0
     out = capsys.readouterr().out
     assert "read 3 pairs from" in out and "skipped 5 rows" in out and "wrote 3 pairs to" in out
-    assert "pairs/4: row 2: missing prompt" in out
+    assert "pairs/4: row 2 (0-based): missing prompt" in out
     assert len(read_pickapic(dst, format="parquet").records) == 3
     assert convert_main([str(folders), str(tmp_path / "s.parquet"), "--strict"]) == 2
     assert "error: " in capsys.readouterr().err
