@@ -480,6 +480,15 @@ def train(
                 return item
             pos.epoch, pos.micro_batch, batches_iter = pos.epoch + 1, 0, None
 
+    def last_good() -> str:
+        return str(last_ckpt) if last_ckpt is not None else "none (no checkpoint written yet)"
+
+    def stop(error: Exception) -> None:
+        """End the run on a guard: close the bar and the metric sinks, then raise ``error``."""
+        bar.close()
+        metrics_log.close()
+        raise error
+
     while pos.step < cfg.max_steps:
         outputs: list[LossOutput] = []
         finite = torch.ones((), device=accelerator.device)
@@ -539,15 +548,12 @@ def train(
                 main_process_only=True,
             )
             if pos.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
-                bar.close()
-                metrics_log.close()
-                raise NonFiniteLossError(
+                stop(NonFiniteLossError(
                     f"{pos.consecutive_nonfinite} optimiser steps in a row had a non-finite loss or gradient "
-                    f"(at step {pos.step + 1}); stopping. The last good checkpoint is "
-                    f"{last_ckpt if last_ckpt is not None else 'none (no checkpoint written yet)'}. Lower the "
+                    f"(at step {pos.step + 1}); stopping. The last good checkpoint is {last_good()}. Lower the "
                     "learning rate or β, enable gradient clipping, or check the data. Records of the skipped "
                     f"steps:\n{_list_skipped(pos.skipped[-pos.consecutive_nonfinite:])}"
-                )
+                ))
             continue
         optimizer.step()
         scheduler.step()
@@ -582,16 +588,13 @@ def train(
                     main_process_only=True,
                 )
             if pos.consecutive_diverged >= cfg.divergence_patience:
-                bar.close()
-                metrics_log.close()
-                raise DivergenceError(
+                stop(DivergenceError(
                     f"{pos.consecutive_diverged} optimiser steps in a row diverged (loss {step_loss:.4g} at step "
                     f"{pos.step}, above {limit:.4g} = divergence_factor × max(|first step's loss "
-                    f"{pos.first_loss:.4g}|, 1)); stopping. The last good checkpoint is "
-                    f"{last_ckpt if last_ckpt is not None else 'none (no checkpoint written yet)'}. Lower the "
+                    f"{pos.first_loss:.4g}|, 1)); stopping. The last good checkpoint is {last_good()}. Lower the "
                     "learning rate or β, enable gradient clipping (max_grad_norm), or raise divergence_factor / "
                     "set divergence_patience=null if this loss legitimately grows."
-                )
+                ))
 
         if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
             stacked = {k: torch.stack([m[k] for m in window]).mean() for k in window[0]}
