@@ -110,7 +110,8 @@ def feed(h: Any, value: Any) -> None:
             feed(h, v)
         h.update(b"]")
     elif hasattr(value, "__dataclass_fields__"):
-        feed(h, {k: getattr(value, k) for k in value.__dataclass_fields__})
+        # fields with compare=False (a record's origin) are not part of the value
+        feed(h, {k: getattr(value, k) for k, f in value.__dataclass_fields__.items() if f.compare})
     else:
         h.update(repr(value).encode())
 

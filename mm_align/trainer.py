@@ -197,12 +197,11 @@ def _umask_permissions(directory: Path) -> None:
 
 
 def _describe_record(index: int, record: Any) -> str:
-    """How a warning names a record: its file and row when it carries them (``source`` and ``row`` attributes),
-    else its ``id``, always with its index in the training records."""
+    """How a warning names a record: where the reader found it (``origin``: file and line, or row), its ``id``,
+    and always its index in the training records."""
     where = []
-    source, row = getattr(record, "source", None), getattr(record, "row", None)
-    if source is not None and row is not None:
-        where.append(f"{source} row {row}")
+    if getattr(record, "origin", None):
+        where.append(record.origin)
     rid = getattr(record, "id", None)
     if rid is not None:
         where.append(f"id {rid!r}")

@@ -4,7 +4,6 @@ run stops naming the last good checkpoint; a healthy run warns of neither."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,14 +41,6 @@ def _cfg(tmp_path: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-@dataclass
-class _SourcedPair(PreferencePair):
-    """A pair that knows the file and row it was read from."""
-
-    source: str | None = None
-    row: int | None = None
-
-
 class _PoisonedRecordsAdapter(SyntheticAdapter):
     """The policy's chosen score is NaN for the records whose id is in ``bad_ids`` (a NaN reward in the data)."""
 
@@ -69,11 +60,10 @@ class _PoisonedRecordsAdapter(SyntheticAdapter):
         return s
 
 
-def _sourced(pairs: list[PreferencePair]) -> list[_SourcedPair]:
-    return [
-        _SourcedPair(p.prompt, p.chosen, p.rejected, p.id, p.meta, source="train.jsonl", row=i)
-        for i, p in enumerate(pairs)
-    ]
+def _sourced(pairs: list[PreferencePair]) -> list[PreferencePair]:
+    """The pairs as a reader returns them: each knows where it was found (jsonl line = index + 1)."""
+    return [PreferencePair(p.prompt, p.chosen, p.rejected, p.id, p.meta, origin=f"train.jsonl:{i + 1}")
+            for i, p in enumerate(pairs)]
 
 
 def _in_batches(*batch_numbers: int) -> list[int]:
@@ -96,8 +86,8 @@ def test_a_skipped_step_names_its_poisoned_records(tmp_path, caplog):
     skipped = [m for m in _warnings(caplog) if "step skipped" in m]
     assert len(skipped) == 2
     # exactly the poisoned records are named (their file row, id and index), none of their batch-mates
-    assert "at step 3" in skipped[0] and f"record train.jsonl row {a}, id 's7-{a}', index {a}" in skipped[0]
-    assert "at step 6" in skipped[1] and f"record train.jsonl row {b}, id 's7-{b}', index {b}" in skipped[1]
+    assert "at step 3" in skipped[0] and f"record train.jsonl:{a + 1}, id 's7-{a}', index {a}" in skipped[0]
+    assert "at step 6" in skipped[1] and f"record train.jsonl:{b + 1}, id 's7-{b}', index {b}" in skipped[1]
     assert all(m.count("record ") == 1 for m in skipped)
     assert (tmp_path / "run" / "final").is_dir()  # under the threshold: the run completes
 
@@ -118,7 +108,7 @@ def test_a_run_past_the_skipped_threshold_fails_listing_the_records(tmp_path):
         train(_PoisonedRecordsAdapter({pairs[i].id for i in bad}), pairs, _cfg(tmp_path))
     message = str(info.value)
     for i in bad:
-        assert f"record train.jsonl row {i}, id 's7-{i}', index {i}" in message
+        assert f"record train.jsonl:{i + 1}, id 's7-{i}', index {i}" in message
     run = tmp_path / "run"
     assert not (run / "final").exists()  # nothing more than the run had already saved
     assert [p.name for p in list_checkpoints(run)][-1] == "checkpoint-20"

@@ -407,6 +407,8 @@ def read_rows(
                 raise DataError(f"{raw.where()}: {result}")
             skipped.append(SkippedRow(raw.source, raw.row, result, raw.line, raw.file_row))
         else:
+            if getattr(result, "origin", "") is None:  # a record that can say where it came from
+                result.origin = raw.where()
             records.append(result)
     out = ReadResult(records, skipped, str(path))
     if skipped:

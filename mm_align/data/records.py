@@ -23,6 +23,8 @@ class PreferencePair:
         rejected: The dispreferred sample, of the same kind as ``chosen``.
         id: An optional identifier carried through to reports.
         meta: Every other column of the source row (e.g. ``images``, ``model_0``, scores).
+        origin: Where the reader found it (``"train.jsonl:12"``, ``"shard.parquet: row 3 (0-based)"``), for
+            messages; not part of the record's value (ignored by ``==`` and by the data fingerprint).
     """
 
     prompt: Any
@@ -30,6 +32,7 @@ class PreferencePair:
     rejected: Any
     id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    origin: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class UnpairedSample:
         desirable: ``True`` for a desirable completion, ``False`` for an undesirable one.
         id: An optional identifier.
         meta: Every other column of the source row.
+        origin: Where the reader found it, for messages (as :class:`PreferencePair`'s).
     """
 
     prompt: Any
@@ -49,6 +53,7 @@ class UnpairedSample:
     desirable: bool
     id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    origin: str | None = field(default=None, compare=False, repr=False)
 
 
 def locate(source: str, row: int, file_row: int | None = None, line: int | None = None) -> str:
