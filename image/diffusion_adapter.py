@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 from mm_align.image.image_io import image_to_tensor, load_image
+from mm_align.image.loading import quiet_loading
 from torch import nn
 
 from mm_align.config import from_dict, option
@@ -93,9 +94,6 @@ class StableDiffusionAdapter:
     }
 
     def __init__(self, config: DiffusionModelConfig) -> None:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         if not config.pretrained:
             raise ValueError("model.pretrained must name a diffusers model directory or hub id")
         self.config = config
@@ -103,9 +101,17 @@ class StableDiffusionAdapter:
         from mm_align.image.toyworld.shapes import resolve_model
 
         src = resolve_model(config.pretrained)  # "shapes" = the shipped shapes-world model
+        with quiet_loading():
+            self._load(src, config, kw)
+
+    def _load(self, src: str, config: DiffusionModelConfig, kw: dict[str, Any]) -> None:
+        """Every component from ``src`` (the training UNet, frozen VAE and text encoder(s), tokenizers, scheduler)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
         self.model: nn.Module = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
         dtype = getattr(torch, config.encoder_dtype)  # the frozen encoders only; the UNet stays float32 (autocast)
-        self.vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw)
+        self.vae = AutoencoderKL.from_pretrained(src, subfolder="vae", dtype=dtype, **kw)
         self.vae.requires_grad_(False).eval()
         self.text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype, **kw)
         self.text_encoder.requires_grad_(False).eval()

@@ -88,16 +88,19 @@ def load_pipeline(pretrained: str, lora: str | None = None, npo_lora: str | None
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     cfg = cfg or SamplerConfig()
-    pipe = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=getattr(torch, cfg.dtype))
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    if lora:
-        pipe.load_lora_weights(lora, adapter_name="aligned")
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-    if npo_lora:
-        pipe.load_lora_weights(npo_lora, adapter_name="npo")
-    if cond_lora:
-        pipe.load_lora_weights(cond_lora, adapter_name="cond")
+    from mm_align.image.loading import quiet_loading
+
+    with quiet_loading():
+        pipe = DiffusionPipeline.from_pretrained(pretrained, dtype=getattr(torch, cfg.dtype))
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if lora:
+            pipe.load_lora_weights(lora, adapter_name="aligned")
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+        if npo_lora:
+            pipe.load_lora_weights(npo_lora, adapter_name="npo")
+        if cond_lora:
+            pipe.load_lora_weights(cond_lora, adapter_name="cond")
     pipe.mm_align_lora_branch = "positive" if cond_lora else "negative"  # read by sample_images
     pipe.to(resolve_device(cfg.device))
     pipe.set_progress_bar_config(disable=True)
