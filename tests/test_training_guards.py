@@ -3,6 +3,7 @@ run stops naming the last good checkpoint; a healthy run warns of neither."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from mm_align.checkpoint import list_checkpoints
-from mm_align.data import PreferencePair
+from mm_align.data import PreferencePair, read_preferences
 from mm_align.run_config import TrainConfig
 from mm_align.synthetic import SyntheticAdapter, SyntheticWorld
 from mm_align.trainer import NonFiniteLossError, epoch_batches, train
@@ -144,3 +145,19 @@ def test_a_healthy_run_warns_of_nothing(tmp_path, caplog):
         result = train(SyntheticAdapter(), WORLD.pairs(3000, seed=1), cfg)
     assert result.step == 150 and result.skipped_steps == 0
     assert not [m for m in _warnings(caplog) if "diverged" in m or "skipped" in m]
+
+
+def test_a_skipped_step_names_the_file_line_of_its_record(tmp_path, caplog):
+    pairs = SyntheticWorld(seed=1234).pairs(64, seed=3)
+    pairs[5] = PreferencePair(pairs[5].prompt, 3, 4, id="bad")
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "id": p.id})
+                            + "\n" for p in pairs))
+    records = read_preferences(path).records  # each knows its file line (origin)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=8, batch_size=8, report_to=["none"],
+                      max_skipped_fraction=None, checkpointing_steps=100, save_final=False)
+    with caplog.at_level(logging.WARNING):
+        train(_PoisonedRecordsAdapter({"bad"}), records, cfg)
+    warnings = [r.getMessage() for r in caplog.records if "step skipped" in r.getMessage()]
+    assert warnings, "the poisoned record's step was never skipped"
+    assert all(f"non-finite scores in: record {path}:6, id 'bad', index 5" in w for w in warnings), warnings
