@@ -133,13 +133,22 @@ def full_state_dict(
 
     The main process gets whole tensors (on the CPU for FSDP2); under DDP or one process this is
     the unwrapped module's own state dict, no copy. ``trainable_only`` gathers only the parameters
-    that require grad under FSDP2 (the LoRA weights, not the frozen base); elsewhere the caller filters.
+    that require grad under FSDP2 and DeepSpeed (the LoRA weights, not the frozen base: a checkpoint of
+    a LoRA run on SDXL then moves megabytes, not the whole UNet); elsewhere the caller filters.
     """
-    if engine(accelerator) == "fsdp2":
+    kind = engine(accelerator)
+    if kind == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         return get_model_state_dict(model, options=options)
+    if kind == "deepspeed" and trainable_only:
+        import deepspeed
+
+        named = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+        # ZeRO-3 partitions each parameter: gather just these, read-only (a no-op for ZeRO-2's whole ones)
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().cpu().clone() for n, p in named}
     return accelerator.get_state_dict(model)
 
 
