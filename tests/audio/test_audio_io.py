@@ -65,3 +65,27 @@ def test_bad_files_are_named(tmp_path):
         load_audio(tmp_path / "empty.wav")
     with pytest.raises(AudioError, match="NaN or inf"):
         save_audio(tmp_path / "nan.wav", torch.tensor([0.0, float("nan")]), 16000)
+
+
+def test_speech_pairs_manifest_and_shared_crop(tmp_path):
+    import json
+
+    from mm_align.audio.speech_records import load_pair_waves, read_speech_pairs
+
+    for name, scale in (("deg", 1.0), ("w", 0.5), ("l", 0.25)):
+        save_audio(tmp_path / f"{name}.wav", _tone(16000, 1.0) * scale, 16000)
+    row = {"id": "p1", "degraded": "deg.wav", "chosen": "w.wav", "rejected": "l.wav", "text": "hi"}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(row) + "\n")
+    result = read_speech_pairs(tmp_path / "pairs.jsonl")
+    rec = result.records[0]
+    assert rec.prompt == "deg.wav" and rec.meta["text"] == "hi"
+    a = load_pair_waves(rec, tmp_path, 16000, 4000, seed=7)
+    b = load_pair_waves(rec, tmp_path, 16000, 4000, seed=7)
+    assert a.degraded.shape == (4000,) and all(w.shape == (4000,) for w in a.outputs)
+    assert torch.equal(a.degraded, b.degraded)
+    # one offset for all three: the chosen crop is the degraded crop at half the amplitude
+    assert torch.allclose(a.outputs[0], a.degraded * 0.5, atol=2e-4)
+    assert torch.allclose(a.outputs[1], a.degraded * 0.25, atol=2e-4)
+    rec.chosen = "missing.wav"
+    with pytest.raises(AudioError, match=r"pairs.jsonl:1: .*missing.wav: audio file not found"):
+        load_pair_waves(rec, tmp_path, 16000, 4000, seed=7)
