@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,6 +75,26 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _load_lora(pipe: Any, path: str, adapter_name: str) -> None:
+    """Load a diffusers-format LoRA; one that holds UNet weights only (ours) goes into the UNet alone.
+
+    The pipeline-level ``load_lora_weights`` also tries each text encoder and warns that no keys matched
+    when there are none for it, which is every LoRA this suite trains.
+    """
+    from safetensors import safe_open
+
+    weights = Path(path) / "pytorch_lora_weights.safetensors" if Path(path).is_dir() else Path(path)
+    unet_only = False
+    if weights.suffix == ".safetensors" and weights.is_file():
+        with safe_open(str(weights), framework="pt") as fh:
+            unet_only = all(k.startswith("unet.") for k in fh.keys())
+    if unet_only:
+        pipe.unet.load_lora_adapter(str(weights.parent), weight_name=weights.name, prefix="unet",
+                                    adapter_name=adapter_name)
+    else:
+        pipe.load_lora_weights(path, adapter_name=adapter_name)
+
+
 def load_pipeline(pretrained: str, lora: str | None = None, npo_lora: str | None = None,
                   cfg: SamplerConfig | None = None, cond_lora: str | None = None) -> Any:
     """A diffusers pipeline from a directory or hub id, with a DDIM scheduler and optional LoRA.
@@ -94,13 +115,13 @@ def load_pipeline(pretrained: str, lora: str | None = None, npo_lora: str | None
         pipe = DiffusionPipeline.from_pretrained(pretrained, dtype=getattr(torch, cfg.dtype))
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         if lora:
-            pipe.load_lora_weights(lora, adapter_name="aligned")
-            pipe.fuse_lora()
+            _load_lora(pipe, lora, "aligned")
+            pipe.fuse_lora(adapter_names=["aligned"])
             pipe.unload_lora_weights()
         if npo_lora:
-            pipe.load_lora_weights(npo_lora, adapter_name="npo")
+            _load_lora(pipe, npo_lora, "npo")
         if cond_lora:
-            pipe.load_lora_weights(cond_lora, adapter_name="cond")
+            _load_lora(pipe, cond_lora, "cond")
     pipe.mm_align_lora_branch = "positive" if cond_lora else "negative"  # read by sample_images
     pipe.to(resolve_device(cfg.device))
     pipe.set_progress_bar_config(disable=True)
