@@ -20,16 +20,14 @@ grids, and the training curves of ``--run`` directories).
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mm_align.image.bench_report import sampler_text, write_bench_report
 from mm_align.image.evaluators import build_scorers
 from mm_align.image.generate import image_seed, read_prompts
-from mm_align.image.image_io import png_bytes
 from mm_align.image.sampling import SamplerConfig, add_sampler_args, sampler_from_args
 from mm_align.image.toyworld.shapes import resolve_model
 from PIL import Image
@@ -91,7 +89,9 @@ def bench(model: str, prompts: list[str], variants: list[Variant], evaluators: l
                 oracle[v.name] = e.details(images[v.name], prompts)
     results: dict[str, Any] = {
         "model": model, "prompts": len(prompts), "seed": seed, "baseline": baseline,
-        "sampler": {"steps": sampler.steps, "guidance_scale": sampler.guidance_scale},
+        "sampler": {"scheduler": "DDIM", "steps": sampler.steps, "guidance_scale": sampler.guidance_scale,
+                    "negative_prompt": sampler.negative_prompt, "resolution": sampler.resolution,
+                    "dtype": sampler.dtype},
         "evaluators": [e.name for e in evaluators], "variants": {},
     }
     for v in variants:
@@ -111,14 +111,14 @@ def bench(model: str, prompts: list[str], variants: list[Variant], evaluators: l
         results["variants"][v.name] = entry
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", results_markdown(results))
-    _write_html(out / "report.html", results, prompts, images, scores, runs or {}, grid_prompts)
+    write_bench_report(out / "report.html", results, prompts, images, scores, runs or {}, grid_prompts)
     return results
 
 
 def results_markdown(results: dict) -> str:
     """The results as Markdown tables (one row per variant and evaluator)."""
     lines = [f"# Image benchmark: {results['prompts']} prompts, baseline `{results['baseline']}`", "",
-             f"Model `{results['model']}`, seed {results['seed']}, sampler {results['sampler']}.", "",
+             f"Model `{results['model']}`, seed {results['seed']}, sampler: {sampler_text(results['sampler'])}.", "",
              "| variant | evaluator | mean [95% CI] | win rate vs baseline [95% CI] | decisive win rate [95% CI] "
              "| W/L/T |", "|---|---|---|---|---|---|"]
     for name, v in results["variants"].items():
@@ -136,68 +136,6 @@ def results_markdown(results: dict) -> str:
                 lines.append(f"| {name} | {v['oracle_accuracy']:.3f} | {v['oracle_colour_accuracy']:.3f} "
                              f"| {v['oracle_shape_accuracy']:.3f} | {v['oracle_background_accuracy']:.3f} |")
     return "\n".join(lines) + "\n"
-
-
-def _uri(image: Image.Image, scale: int = 3) -> str:
-    data = png_bytes(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-def _write_html(path: Path, results: dict, prompts: list[str], images: dict, scores: dict, runs: dict[str, str],
-                grid_prompts: int) -> None:
-    from mm_align.metrics_log import read_metrics
-    from mm_align.report import plot_curves
-
-    esc = html.escape
-    names = list(images)
-    parts = [f"<h1>Image benchmark: {results['prompts']} held-out prompts</h1>",
-             "<h2>Results</h2>", _md_table_html(results_markdown(results))]
-    head = "".join(f"<th>{esc(n)}</th>" for n in names)
-    rows = []
-    for i, prompt in enumerate(prompts[:grid_prompts]):
-        cells = []
-        for n in names:
-            label = " ".join(f"{k}={v[i]:.3f}" for k, v in scores[n].items())
-            cells.append(f'<td><img src="{_uri(images[n][i])}" alt="{esc(n)}"><br><small>{esc(label)}</small></td>')
-        rows.append(f"<tr><th>{esc(prompt)}</th>{''.join(cells)}</tr>")
-    parts.append(f"<h2>Side by side (same seed per prompt)</h2><table class=grid><tr><th>prompt</th>{head}</tr>"
-                 + "".join(rows) + "</table>")
-    if runs:
-        parts.append("<h2>Training curves</h2>")
-        for name, run in runs.items():
-            metrics = Path(run) / "metrics.jsonl"
-            if not metrics.is_file():
-                parts.append(f"<p>{esc(name)}: no metrics at {esc(str(metrics))}</p>")
-                continue
-            records = read_metrics(metrics)
-            keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins") if any(k in r for r in records)]
-            if keys:
-                parts.append(f'<figure><img src="{plot_curves(records, keys, name)}" alt="{esc(name)} curves">'
-                             f"<figcaption>{esc(name)}</figcaption></figure>")
-    css = ("body{font-family:sans-serif;margin:20px}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-           "padding:3px;font-size:12px;text-align:center}img{image-rendering:pixelated}figure{display:inline-block}")
-    page = (f"<!doctype html><html><head><meta charset=utf-8><title>mm-align image benchmark</title><style>{css}"
-            "</style></head><body>" + "\n".join(parts) + "</body></html>\n")
-    atomic_write_text(path, page)
-
-
-def _md_table_html(markdown: str) -> str:
-    out, in_table = [], False
-    for line in markdown.splitlines():
-        if line.startswith("|") and not line.startswith("|---"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            out.append(("<table>" if not in_table else "") + "<tr>" + "".join(f"<td>{c}</td>" for c in cells)
-                       + "</tr>")
-            in_table = True
-        elif not line.startswith("|---"):
-            if in_table:
-                out.append("</table>")
-                in_table = False
-            if line.strip():
-                out.append(f"<p>{html.escape(line.lstrip('# '))}</p>")
-    if in_table:
-        out.append("</table>")
-    return "".join(out)
 
 
 def bench_main(argv: list[str]) -> int:

@@ -26,7 +26,7 @@ from mm_align.metrics_log import read_metrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReportSection", "plot_curves", "write_report", "PANELS"]
+__all__ = ["ReportSection", "plot_curves", "plot_series", "write_report", "PANELS"]
 
 # (title, keys); a key ending in "/" means every key with that prefix. A metric is drawn in the
 # first panel that claims it; the numeric keys no panel claims go to "Other".
@@ -68,14 +68,12 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def plot_curves(records: list[dict], keys: Sequence[str], title: str, smooth: int = 1) -> str:
+def plot_curves(records: list[dict], keys: Sequence[str], title: str | None, smooth: int = 1) -> str:
     """
     Plot the curves of `keys` against `step` and return the figure as a PNG data URI.
 
-    Uses matplotlib's object-oriented API with the Agg canvas (no `pyplot`, so no global figure
-    state and no change to the process's backend); the figure is released when this returns.
     Records without a numeric value for a key (absent, or `null` for a non-finite value) are
-    skipped for that key.
+    skipped for that key. Drawn by [`plot_series`].
 
     Args:
         records (`list[dict]`):
@@ -83,10 +81,33 @@ def plot_curves(records: list[dict], keys: Sequence[str], title: str, smooth: in
             index when absent).
         keys (`Sequence[str]`):
             The metrics to draw, one line each.
-        title (`str`):
-            The plot title.
+        title (`str` or `None`):
+            The plot title; `None` for none (when the page captions the figure itself).
         smooth (`int`, *optional*, defaults to `1`):
             Trailing moving-average window, in records; `1` draws the raw values.
+
+    Returns:
+        `str`: `"data:image/png;base64,..."`.
+    """
+    series = {key: [(r.get("step", i), r[key]) for i, r in enumerate(records) if _is_num(r.get(key))] for key in keys}
+    return plot_series(series, title, smooth)
+
+
+def plot_series(series: dict[str, list[tuple[float, float]]], title: str | None, smooth: int = 1) -> str:
+    """
+    Plot named `(step, value)` series on one chart and return it as a PNG data URI.
+
+    Uses matplotlib's object-oriented API with the Agg canvas (no `pyplot`, so no global figure
+    state and no change to the process's backend); the figure is released when this returns.
+    An empty series is left out; a chart with none says "no data".
+
+    Args:
+        series (`dict[str, list[tuple[float, float]]]`):
+            Legend label -> points in step order (one metric of several runs, or several metrics of one run).
+        title (`str` or `None`):
+            The plot title, or `None`.
+        smooth (`int`, *optional*, defaults to `1`):
+            Trailing moving-average window, in points; `1` draws the raw values.
 
     Returns:
         `str`: `"data:image/png;base64,..."`.
@@ -99,8 +120,7 @@ def plot_curves(records: list[dict], keys: Sequence[str], title: str, smooth: in
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     drawn = 0
-    for key in keys:
-        pts = [(r.get("step", i), r[key]) for i, r in enumerate(records) if _is_num(r.get(key))]
+    for label, pts in series.items():
         if not pts:
             continue
         xs, ys = zip(*pts)
@@ -108,9 +128,10 @@ def plot_curves(records: list[dict], keys: Sequence[str], title: str, smooth: in
             ys = tuple(
                 sum(ys[max(0, i - smooth + 1) : i + 1]) / (i + 1 - max(0, i - smooth + 1)) for i in range(len(ys))
             )
-        ax.plot(xs, ys, label=key, marker="." if len(xs) < 30 else None)
+        ax.plot(xs, ys, label=label, marker="." if len(xs) < 30 else None)
         drawn += 1
-    ax.set_title(title)
+    if title:
+        ax.set_title(title)
     ax.set_xlabel("step")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # short tick labels fit the fixed margins
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -119,7 +140,8 @@ def plot_curves(records: list[dict], keys: Sequence[str], title: str, smooth: in
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.14, top=0.9)  # fixed margins: tight_layout costs a draw
+    # fixed margins: tight_layout costs a draw
+    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.14, top=0.9 if title else 0.97)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -140,10 +162,11 @@ def _fmt(v: float | int) -> str:
     return str(v) if isinstance(v, int) else f"{v:.5g}"
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em 2.5em;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 .plots{display:flex;flex-wrap:wrap;gap:1em}.plots figure{margin:0}
-.plots img{max-width:580px;border:1px solid #eee}
+.plots img{width:100%;max-width:640px;border:1px solid #eee}
+.plots figcaption{font-weight:600;font-size:.95em;margin:.2em 0 .6em}
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
 th{background:#f5f5f5}th.k{text-align:left}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}"""
 
@@ -213,7 +236,7 @@ def write_report(
             if not panel_keys:
                 continue
             taken.update(panel_keys)
-            uri = plot_curves(records, panel_keys, panel)
+            uri = plot_curves(records, panel_keys, None)  # the figcaption names the panel
             figures.append(
                 f'<figure><img alt="{esc(panel)}: {esc(", ".join(panel_keys))}" src="{uri}">'
                 f"<figcaption>{esc(panel)}</figcaption></figure>"
