@@ -250,7 +250,8 @@ def test_gensr_mix_is_seeded_and_within_its_ranges():
         assert 0.2 <= clip.threshold <= 0.8 and clip.relative
         assert 2000 <= band.cutoff <= 6000 and band.cutoff % 100 == 0
     assert all(gensr_mix(s, sample_rate=8000).steps[3].cutoff <= 3200 for s in range(20))
-    assert any(gensr_mix(s, babble=[speech_like(0.5)]).steps[1].kind == "babble" for s in range(40))
+    other = [speech_like(0.5)]
+    assert any(gensr_mix(s, babble=other).steps[1].kind == "babble" for s in range(40))
 
 
 def test_gensr_mix_degrades_all_four_ways():
