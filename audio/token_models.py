@@ -232,8 +232,14 @@ class _TokenTransformer(nn.Module):
         """``(B, Q, N)`` ids in ``[0, K]`` → ``(B, N, dim)``, the sum over codebooks."""
         return self.token_emb(tokens + self.offsets[None, :, None]).sum(1)
 
-    def embed_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """``(B, D, N)`` codec latents of the degraded input → ``(B, N, dim)``."""
+    def embed_condition(self, cond: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, D, N)`` codec latents of the degraded input → ``(B, N, dim)``.
+
+        Padded frames (``frame_mask`` False) are zeroed first: the convolution then sees past a clip's end
+        exactly the zeros it pads an unpadded clip with, so padding changes no real frame's output.
+        """
+        if frame_mask is not None:
+            cond = cond * frame_mask[:, None, :].to(cond.dtype)
         return self.cond_proj(cond).transpose(1, 2)
 
     def trunk(self, x: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -298,7 +304,7 @@ class MaskedTokenRestorer(_TokenTransformer, PyTorchModelHubMixin, library_name=
             frame_mask: ``(B, N)``, True on real frames (padding is not attended to); None = all real.
         """
         self._check(tokens, cond)
-        return self.trunk(self.embed_tokens(tokens) + self.embed_condition(cond), frame_mask)
+        return self.trunk(self.embed_tokens(tokens) + self.embed_condition(cond, frame_mask), frame_mask)
 
     @torch.no_grad()
     def generate(
@@ -342,7 +348,7 @@ class MaskedTokenRestorer(_TokenTransformer, PyTorchModelHubMixin, library_name=
         count = blocked(valid.long(), 0).sum(-1)  # (B, nb): tokens to decode per block
         tokens = torch.full((b, q, n), self.mask_id, dtype=torch.long, device=device)
         known = torch.zeros(b, q, n, dtype=torch.bool, device=device)
-        cond_emb = self.embed_condition(cond)  # (B, N, dim): once, not per step
+        cond_emb = self.embed_condition(cond, frame_mask)  # (B, N, dim): once, not per step
         ranks = torch.arange(q * blk, device=device)
         for s in range(1, steps + 1):
             logits = self.trunk(self.embed_tokens(tokens) + cond_emb, frame_mask).float()  # (B, Q, N, K)
@@ -423,7 +429,8 @@ class ARTokenRestorer(_TokenTransformer, PyTorchModelHubMixin, library_name="mm-
             frame_mask: ``(B, N)``, True on real frames; None = all real.
         """
         self._check(tokens, cond)
-        return self.trunk(self.embed_tokens(self._previous(tokens)) + self.embed_condition(cond), frame_mask)
+        x = self.embed_tokens(self._previous(tokens)) + self.embed_condition(cond, frame_mask)
+        return self.trunk(x, frame_mask)
 
     @property
     def context_frames(self) -> int:
@@ -480,8 +487,9 @@ RESTORERS: dict[str, type[nn.Module]] = {"masked": MaskedTokenRestorer, "ar": AR
 
 # ---- supervised training -----------------------------------------------------------------------------------
 def valid_frames(lengths: torch.Tensor, num_frames: int, hop_length: int) -> torch.Tensor:
-    """``(B, N)`` True for frames centred on real audio: frame ``n`` is real when ``n · hop < length``."""
-    return torch.arange(num_frames, device=lengths.device)[None, :] * hop_length < lengths[:, None]
+    """``(B, N)`` True for the frames the codec gives for the real audio alone: ``n ≤ length // hop``
+    (``length // hop + 1`` frames, the last centred on the clip's end, as for an unpadded clip)."""
+    return torch.arange(num_frames, device=lengths.device)[None, :] * hop_length <= lengths[:, None]
 
 
 def cosine_mask(valid: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
