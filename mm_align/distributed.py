@@ -46,6 +46,7 @@ __all__ = [
     "load_optimizer_state",
     "prepare_reference",
     "grad_clip_parameters",
+    "trainable_norm",
     "save_engine_state",
     "load_engine_state",
 ]
@@ -195,6 +196,32 @@ def grad_clip_parameters(accelerator: Accelerator, model: nn.Module, trainable: 
     FSDP clipping recognises a model only by its full parameter list; elsewhere, the trainable ones.
     """
     return list(model.parameters()) if engine(accelerator) == "fsdp2" else trainable
+
+
+def trainable_norm(accelerator: Accelerator, model: nn.Module) -> float:
+    """The L2 norm of the model's trainable parameters, whole across processes.
+
+    Replicated parameters (one process, DDP, DeepSpeed ZeRO-1/2) are read as they are; sharded ones are
+    summed over their local pieces and all-reduced: FSDP2's DTensors (``to_local``) and DeepSpeed
+    ZeRO-3's partitions (``ds_tensor``). A collective under those engines: every process calls it.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    pieces = False
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "to_local"):
+            t, pieces = p.to_local(), True
+        elif hasattr(p, "ds_tensor"):
+            t, pieces = p.ds_tensor, True
+        else:
+            t = p
+        total += t.detach().to(torch.float64).pow(2).sum().to(total.device)
+    if sharded(accelerator):
+        flag = torch.tensor(float(pieces), device=accelerator.device)
+        if accelerator.reduce(flag, reduction="sum").item() > 0:
+            total = accelerator.reduce(total, reduction="sum")
+    return float(total.sqrt().item())
 
 
 def prepare_reference(accelerator: Accelerator, reference: nn.Module) -> nn.Module:

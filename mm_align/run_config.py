@@ -82,6 +82,14 @@ class TrainConfig:
         "step is computed before any update (with LoRA it is the reference's loss, ln 2 for DPO-type losses), so "
         "the rule reads a rise from the start; the floor of 1 keeps losses that start near 0 from firing.",
     )
+    divergence_update_ratio: float = option(
+        1.0,
+        help="A step also diverges when it changes the norm of the trainable weights by more than this share of "
+        "the norm before it: |‖θ_t‖ − ‖θ_t−1‖| / ‖θ_t−1‖ > divergence_update_ratio. That change is a lower bound on "
+        "the relative update ‖Δθ‖/‖θ‖ (triangle inequality) and costs one norm per step; a healthy step moves it "
+        "by well under 1%. It catches an exploding update (e.g. a learning rate of 1e6) at the step that makes it, "
+        "before the loss shows it.",
+    )
     divergence_patience: int | None = option(
         3,
         help="Warn at each diverged step; stop (DivergenceError, naming the last checkpoint written before the "
@@ -107,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"max_skipped_fraction must be in [0, 1] or null, got {self.max_skipped_fraction}")
         if not self.divergence_factor > 1.0:
             raise ValueError(f"divergence_factor must be > 1, got {self.divergence_factor}")
+        if not self.divergence_update_ratio > 0.0:
+            raise ValueError(f"divergence_update_ratio must be > 0, got {self.divergence_update_ratio}")
         if self.divergence_patience is not None and self.divergence_patience < 0:
             raise ValueError(f"divergence_patience must be >= 0 or null, got {self.divergence_patience}")
 

@@ -14,7 +14,8 @@ Three guards stop a run that would otherwise end with exit 0 and a useless or mi
 - non-finite steps: a step whose loss or gradient is NaN/inf is skipped, and the warning names its
   records; too many in a row (``max_consecutive_nonfinite``) or too large a share at the end
   (``max_skipped_fraction``) raise :class:`NonFiniteLossError` listing them;
-- divergence: a step whose loss rose ``divergence_factor``-fold over the first step's is warned about,
+- divergence: a step whose loss rose ``divergence_factor``-fold over the first step's, or whose update
+  changed the trainable weights' norm by more than ``divergence_update_ratio`` of it, is warned about;
   ``divergence_patience`` of them in a row raise :class:`DivergenceError`.
 
 Data order and every per-sample random draw are functions of ``(seed, epoch, sample index)``,
@@ -69,6 +70,7 @@ from mm_align.distributed import (
     prepare_reference,
     save_engine_state,
     sharded,
+    trainable_norm,
 )
 from mm_align.lora import add_lora, lora_disabled
 from mm_align.losses import compute_loss, get_loss
@@ -488,6 +490,7 @@ def train(
         metrics_log.close()
         raise error
 
+    weights_norm: float | None = None  # ‖θ‖ of the trainable weights after the last step (the update rule)
     while pos.step < cfg.max_steps:
         outputs: list[LossOutput] = []
         finite = torch.ones((), device=accelerator.device)
@@ -554,6 +557,8 @@ def train(
                     f"steps:\n{_list_skipped(pos.skipped[-pos.consecutive_nonfinite:])}"
                 ))
             continue
+        if cfg.divergence_patience and weights_norm is None:  # the yardstick of the update rule (start, resume)
+            weights_norm = trainable_norm(accelerator, model)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -567,7 +572,8 @@ def train(
         window.append(step_metrics)
         bar.update(1)
 
-        # the divergence guard: |loss| rose divergence_factor-fold over the first step's (floor 1)
+        # the divergence guard: |loss| rose divergence_factor-fold over the first step's (floor 1), or the
+        # step changed the trainable weights' norm by more than divergence_update_ratio of it
         diverged = False
         if cfg.divergence_patience:
             step_loss = step_metrics["loss"]
@@ -576,23 +582,29 @@ def train(
             if pos.first_loss is None:
                 pos.first_loss = step_loss
             limit = cfg.divergence_factor * max(abs(pos.first_loss), 1.0)
-            diverged = abs(step_loss) > limit
+            before, weights_norm = weights_norm, trainable_norm(accelerator, model)
+            update = abs(weights_norm - before) / before if before else 0.0
+            why = []
+            if abs(step_loss) > limit:
+                why.append(f"loss {step_loss:.4g} > divergence_factor {cfg.divergence_factor:g} × max(|first step's "
+                           f"loss {pos.first_loss:.4g}|, 1) = {limit:.4g}")
+            if update > cfg.divergence_update_ratio or not math.isfinite(weights_norm):
+                why.append(f"the update changed the trainable weights' norm from {before:.4g} to {weights_norm:.4g} "
+                           f"(|Δ‖θ‖| / ‖θ‖ = {update:.3g} > divergence_update_ratio {cfg.divergence_update_ratio:g})")
+            diverged = bool(why)
             pos.consecutive_diverged = pos.consecutive_diverged + 1 if diverged else 0
             if diverged:
                 logger.warning(
-                    f"step {pos.step} diverged: loss {step_loss:.4g} > divergence_factor {cfg.divergence_factor:g} "
-                    f"× max(|first step's loss {pos.first_loss:.4g}|, 1) = {limit:.4g} "
-                    f"({pos.consecutive_diverged} in a row; the run stops at "
-                    f"divergence_patience={cfg.divergence_patience})",
+                    f"step {pos.step} diverged: {'; '.join(why)} ({pos.consecutive_diverged} in a row; the run "
+                    f"stops at divergence_patience={cfg.divergence_patience})",
                     main_process_only=True,
                 )
             if pos.consecutive_diverged >= cfg.divergence_patience:
                 stop(DivergenceError(
-                    f"{pos.consecutive_diverged} optimiser steps in a row diverged (loss {step_loss:.4g} at step "
-                    f"{pos.step}, above {limit:.4g} = divergence_factor × max(|first step's loss "
-                    f"{pos.first_loss:.4g}|, 1)); stopping. The last good checkpoint is {last_good()}. Lower the "
+                    f"{pos.consecutive_diverged} optimiser steps in a row diverged (at step {pos.step}: "
+                    f"{'; '.join(why)}); stopping. The last good checkpoint is {last_good()}. Lower the "
                     "learning rate or β, enable gradient clipping (max_grad_norm), or raise divergence_factor / "
-                    "set divergence_patience=null if this loss legitimately grows."
+                    "divergence_update_ratio, or set divergence_patience=null if this run legitimately grows."
                 ))
 
         if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:

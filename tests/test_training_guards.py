@@ -116,15 +116,54 @@ def test_a_run_past_the_skipped_threshold_fails_listing_the_records(tmp_path):
     assert "checkpoint-20" in message
 
 
-def test_a_huge_learning_rate_stops_with_the_divergence_error_naming_the_last_checkpoint(tmp_path, caplog):
-    """lr 1e6 on the synthetic world: step 1's loss is ln 2 (LoRA B = 0), step 2's ≈ 5e8."""
+def test_a_huge_learning_rate_stops_at_the_update_that_explodes(tmp_path, caplog):
+    """lr 1e6 on the synthetic world: step 1's loss is still ln 2 (computed before the update, LoRA B = 0), but its
+    update multiplies the LoRA weights' norm ~1e7-fold: the update rule flags step 1 itself, so checkpoint-1 (which
+    would hold the exploded weights) is never written; from step 2 the loss rule fires too."""
     cfg = _cfg(tmp_path, learning_rate=1e6, checkpointing_steps=1, max_steps=30)
-    with caplog.at_level(logging.WARNING), pytest.raises(DivergenceError, match=r"diverged.*checkpoint-1\b"):
+    with caplog.at_level(logging.WARNING), pytest.raises(DivergenceError, match=r"none \(no checkpoint written yet\)"):
         train(SyntheticAdapter(), WORLD.pairs(200, seed=7), cfg)
     diverged = [m for m in _warnings(caplog) if "diverged" in m]
     assert len(diverged) == 3  # divergence_patience=3 by default
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1"]  # no diverged step saved
+    assert diverged[0].removeprefix("[RANK 0] ").startswith("step 1 diverged: the update changed the trainable weights' norm")
+    assert "loss" not in diverged[0].split("diverged:")[1].split("(")[0]  # the loss had not moved yet
+    assert "loss 4.9" in diverged[1] and "divergence_update_ratio" in diverged[1]
+    assert list_checkpoints(tmp_path / "run") == []  # no diverged step saved
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_the_update_rule_alone_stops_a_run_whose_loss_stays_put(tmp_path, caplog):
+    """With the loss rule out of reach (divergence_factor 1e30), the update rule still stops the run."""
+    cfg = _cfg(tmp_path, learning_rate=1e6, checkpointing_steps=1, max_steps=30, divergence_factor=1e30)
+    with caplog.at_level(logging.WARNING), pytest.raises(DivergenceError, match="divergence_update_ratio 1"):
+        train(SyntheticAdapter(), WORLD.pairs(200, seed=7), cfg)
+    assert len([m for m in _warnings(caplog) if "diverged" in m]) == 3
+
+
+class _ExplodesAfter(SyntheticAdapter):
+    """Healthy for ``good`` optimiser steps, then the policy's scores are scaled 1e9-fold (a loss that explodes)."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__()
+        self.good, self.calls = good, 0
+
+    def after_optimizer_step(self, model) -> None:
+        self.calls += 1
+
+    def scores(self, batch, model):
+        s = super().scores(batch, model)
+        if torch.is_grad_enabled() and self.calls >= self.good:
+            s.chosen = s.chosen * 1e9
+        return s
+
+
+def test_a_loss_that_explodes_later_stops_naming_the_last_good_checkpoint(tmp_path, caplog):
+    cfg = _cfg(tmp_path, checkpointing_steps=2, max_steps=30)
+    with caplog.at_level(logging.WARNING), pytest.raises(DivergenceError, match=r"checkpoint-4\b"):
+        train(_ExplodesAfter(good=4), WORLD.pairs(200, seed=7), cfg)
+    diverged = [m for m in _warnings(caplog) if "diverged" in m]
+    assert len(diverged) == 3 and diverged[0].removeprefix("[RANK 0] ").startswith("step 5 diverged: loss")
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_the_divergence_guard_can_be_switched_off(tmp_path, caplog):
