@@ -102,10 +102,14 @@ def _parser() -> argparse.ArgumentParser:
                                 "(pair folders and Pick-a-Pic data: add --modality image)")
     d.add_argument("--format", default="auto",
                    help="auto (from the path), jsonl, parquet or hf; with --modality image also pickapic or "
-                        "pair_folders")
+                        "pair_folders; with --modality speech also manifest, voicebank or dns")
     d.add_argument("--kind", choices=("paired", "unpaired"), default="paired",
                    help="paired: prompt, chosen, rejected; unpaired: prompt, completion, label")
-    d.add_argument("--modality", default=None, help="add the modality's own checks (e.g. image: corrupt/tiny images)")
+    d.add_argument("--modality", default=None,
+                   help="add the modality's own checks (image: corrupt/tiny images; speech: missing, unreadable, "
+                        "silent, clipped or NaN audio, length mismatches)")
+    d.add_argument("--sample-rate", type=int, default=None,
+                   help="with --modality speech: the rate the audio should have (default 16000); others are flagged")
 
     r = sub.add_parser("report", help="render a run's training curves as one HTML page", formatter_class=HelpFormatter)
     r.add_argument("run_dir", help="a training run's output directory (it holds metrics.jsonl)")
@@ -238,7 +242,7 @@ def _pair_folders_hint(data: str) -> str | None:
             f"add --modality image, i.e. mm-align doctor {data} --modality image")
 
 
-def cmd_doctor(data: str, fmt: str, kind: str, modality: str | None = None) -> int:
+def cmd_doctor(data: str, fmt: str, kind: str, modality: str | None = None, sample_rate: int | None = None) -> int:
     from mm_align.data.io import detect_format
     from mm_align.recipes import modality_doctor
 
@@ -250,7 +254,11 @@ def cmd_doctor(data: str, fmt: str, kind: str, modality: str | None = None) -> i
             except ValueError:  # the core formats cannot read it: it is pair folders only
                 print(f"error: {hint}", file=sys.stderr)
                 return 2
-    report = modality_doctor(modality)(data, format=fmt, kind=kind)
+    if sample_rate is not None and modality != "speech":
+        print("error: --sample-rate is read by --modality speech only", file=sys.stderr)
+        return 2
+    extra = {"sample_rate": sample_rate} if sample_rate is not None else {}
+    report = modality_doctor(modality)(data, format=fmt, kind=kind, **extra)
     print(report.table())  # the table ends with the verdict line: printed once
     return 0 if report.ok else 1
 
@@ -321,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("generate", "evaluate", "bench", "convert"):
             return cmd_modality(args.command, args.modality, args.args)
         if args.command == "doctor":
-            return cmd_doctor(args.data, args.format, args.kind, args.modality)
+            return cmd_doctor(args.data, args.format, args.kind, args.modality, args.sample_rate)
         if args.command == "report":
             return cmd_report(args.run_dir, args.output)
         if args.command == "quickstart":

@@ -30,6 +30,7 @@ MODALITY_COMMANDS: dict[tuple[str, str], str] = {
     ("evaluate", "image"): "mm_align.image.evaluators:evaluate_main",
     ("bench", "image"): "mm_align.image.bench:bench_main",
     ("convert", "image"): "mm_align.image.converters:convert_main",
+    ("convert", "speech"): "mm_align.audio.converters:convert_main",
 }
 
 # `mm-align quickstart --world W` -> "module:function(output_dir, steps=...) -> report path"
@@ -42,6 +43,7 @@ QUICKSTARTS: dict[str, str] = {
 # the core doctor with the modality's record checks and its own formats.
 MODALITY_DOCTORS: dict[str, str] = {
     "image": "mm_align.image.image_checks:image_doctor",
+    "speech": "mm_align.audio.speech_checks:speech_doctor",
 }
 
 MODALITIES = ("image", "video", "vlm", "speech")
