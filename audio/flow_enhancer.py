@@ -90,8 +90,10 @@ class FrameNorm(nn.Module):
         b, c, f, n = x.shape
         g = x.view(b, self.groups, c // self.groups, f, n)  # (B, G, C/G, F, N)
         var, mean = torch.var_mean(g, dim=(2, 3), keepdim=True, unbiased=False)  # (B, G, 1, 1, N)
-        g = (g - mean) * torch.rsqrt(var + self.eps)
-        return g.view(b, c, f, n) * self.weight[:, None, None] + self.bias[:, None, None]
+        # normalise and apply the affine map in one pass: y = x·scale + shift
+        scale = torch.rsqrt(var + self.eps) * self.weight.view(1, self.groups, -1, 1, 1)  # (B, G, C/G, 1, N)
+        shift = self.bias.view(1, self.groups, -1, 1, 1) - mean * scale
+        return torch.addcmul(shift, g, scale).view(b, c, f, n)
 
 
 class _ResBlock(nn.Module):
