@@ -384,8 +384,8 @@ def temporal_receptive_field(model: nn.Module, n_frames: int = 256, n_freq: int 
     centre = n_frames // 2
     with torch.enable_grad():
         out = model(x, torch.full((1,), 0.5, device=p.device, dtype=p.dtype), c)
-        out[..., centre].sum().backward()
-    grad = (x.grad.abs() + c.grad.abs()).sum(dim=(0, 1, 2))  # (N,)
+        gx, gc = torch.autograd.grad(out[..., centre].sum(), (x, c))  # the inputs only: no parameter .grad left
+    grad = (gx.abs() + gc.abs()).sum(dim=(0, 1, 2))  # (N,)
     hit = torch.nonzero(grad > 0).flatten()
     return int(max(centre - hit.min(), hit.max() - centre)) if hit.numel() else 0
 

@@ -302,6 +302,23 @@ def test_fingerprint_follows_weights_and_settings(world, tmp_path):
                                          ).fingerprint() != a
 
 
+def test_saves_from_a_gathered_state_dict(world, tmp_path):
+    """Under a sharded engine the trainer hands save() the gathered state dict: full and LoRA saves are written
+    from it (here: weights that differ from the module's own), and reload as those weights."""
+    from mm_align.lora import LoraSettings, add_lora
+
+    adapter = _adapter(world)
+    state = {k: v + 0.5 for k, v in adapter.model.state_dict().items()}
+    adapter.save(adapter.model, str(tmp_path / "full"), lora=False, state_dict=state)
+    reloaded = FlowEnhancer.from_pretrained(tmp_path / "full")
+    assert all(torch.equal(v, state[k]) for k, v in reloaded.state_dict().items())
+    add_lora(adapter.model, LoraSettings(r=2), adapter.lora_target_modules)
+    gathered = {k: (v + 1.0 if "lora_B" in k else v) for k, v in adapter.model.state_dict().items()}
+    adapter.save(adapter.model, str(tmp_path / "lora"), lora=True, state_dict=gathered)
+    loaded = load_speech_model(tmp_path / "lora")
+    assert all(torch.equal(v, gathered[k]) for k, v in loaded.state_dict().items() if "lora_" in k)
+
+
 # ---- a user-defined model ----------------------------------------------------------------------
 class TinyUserFlow(nn.Module):
     """A user's velocity field on the adapter's STFT representation: ``forward(x_t, t, cond) -> v``."""
