@@ -5,7 +5,7 @@ compare the transcript with the clip's reference text. Any object with a ``sampl
 ``transcribe(wave) -> str`` is an :class:`ASR`; :class:`TransformersCTCASR` loads the user's CTC model
 (wav2vec 2.0, HuBERT, data2vec-audio fine-tuned with CTC) from a local directory written by
 ``save_pretrained`` and decodes greedily (arg-max per frame, repeats merged, blanks dropped: the
-tokenizer's CTC decoding). Weights are never downloaded: the path must exist.
+tokenizer's CTC decoding; a bos/eos frame counts as a blank). Weights are never downloaded: the path must exist.
 
 :func:`normalize_transcript` is the text normalisation both sides of a WER go through.
 """
@@ -97,5 +97,9 @@ class TransformersCTCASR:
                                  return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         logits = self._model(**inputs).logits  # (1, frames, vocab)
-        ids = logits.argmax(dim=-1)  # (1, frames)
-        return self._processor.batch_decode(ids.cpu())[0]
+        ids = logits.argmax(dim=-1).cpu()  # (1, frames)
+        tok = getattr(self._processor, "tokenizer", self._processor)
+        # bos/eos frames read as blanks; skip_special_tokens would also drop the blanks before repeats are merged
+        for special in {tok.bos_token_id, tok.eos_token_id} - {None, tok.pad_token_id}:
+            ids[ids == special] = tok.pad_token_id
+        return self._processor.batch_decode(ids)[0]

@@ -27,7 +27,9 @@ the clip and metric.
 
 Inputs at any rate are resampled (torchaudio windowed sinc, :func:`mm_align.audio.io.resample`) to each
 metric's rate, never refused. Clips are scored in ``num_workers`` processes (default ``min(cores, clips)``),
-each loading the models once and limited to one thread, under one tqdm bar for the job.
+each loading the models once and limited to one thread, under one tqdm bar for the job. Workers are forked
+on Linux (they start in milliseconds and inherit the imports); a metric on a CUDA device (an ASR with
+``device=cuda``) needs ``start_method="spawn"`` or ``num_workers=0``, since CUDA does not survive a fork.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ class SuiteConfig:
                                                    "the longer (both are trimmed to the shorter); more is bad.")
 
     def __post_init__(self) -> None:
+        if self.on_bad not in ("raise", "skip"):
+            raise ValueError(f"on_bad must be 'raise' or 'skip', got {self.on_bad!r}")
+        if self.start_method not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(f"start_method must be fork, spawn, forkserver or None, got {self.start_method!r}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not 0.0 <= self.max_length_mismatch < 1.0:
@@ -156,7 +162,7 @@ class _Bad(Exception):
     """A clip that cannot be scored (internal: becomes a skip or an AudioError naming the clip)."""
 
 
-def _mono(wave: Wave, sample_rate: int | None, role: str) -> tuple[np.ndarray, int]:
+def _mono(wave: Wave, sample_rate: int | None, role: str, clip: str) -> tuple[np.ndarray, int]:
     if isinstance(wave, (str, os.PathLike)):
         try:
             tensor, sr = load_audio(wave)
@@ -164,7 +170,7 @@ def _mono(wave: Wave, sample_rate: int | None, role: str) -> tuple[np.ndarray, i
             raise _Bad(f"unreadable: {err}") from None
         return tensor.numpy(), sr
     if sample_rate is None:
-        raise ValueError(f"the {role} is a waveform: give its sample rate")
+        raise ValueError(f"{clip}: the {role} is a waveform: give its sample rate")
     if isinstance(wave, np.ndarray):
         wave = torch.from_numpy(np.ascontiguousarray(wave))
     wave = to_mono(wave.detach().cpu())
@@ -189,7 +195,7 @@ class _ClipScorer:
 
     def __call__(self, clip: SpeechClip) -> dict[str, float]:
         cfg = self.cfg
-        est, sr_e = _mono(clip.estimate, clip.sample_rate, "estimate")
+        est, sr_e = _mono(clip.estimate, clip.sample_rate, "estimate", clip.name)
         reason = check_wave(est, sr_e, "estimate", cfg)
         if reason:
             raise _Bad(reason)
@@ -198,7 +204,7 @@ class _ClipScorer:
             if clip.reference is None:
                 raise _Bad(f"missing reference: {', '.join(self.needs_reference)} need the clean reference")
             ref_sr = clip.reference_sample_rate if clip.reference_sample_rate is not None else clip.sample_rate
-            ref, sr_r = _mono(clip.reference, ref_sr, "reference")
+            ref, sr_r = _mono(clip.reference, ref_sr, "reference", clip.name)
             reason = check_wave(ref, sr_r, "reference", cfg)
             if reason:
                 raise _Bad(reason)
@@ -264,11 +270,15 @@ class MetricSuite:
 
     def __init__(self, metrics: Sequence[SpeechMetric | str | dict[str, Any]], config: SuiteConfig | None = None,
                  **overrides: Any) -> None:
-        from dataclasses import replace
+        from dataclasses import fields, replace
 
         self.metrics = build_metrics(metrics)
         if not self.metrics:
             raise ValueError("a metric suite needs at least one metric")
+        valid = [f.name for f in fields(SuiteConfig)]
+        unknown = sorted(set(overrides) - set(valid))
+        if unknown:
+            raise TypeError(f"unknown metric suite option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
         self.config = replace(config or SuiteConfig(), **overrides)
 
     def _workers(self, n: int) -> int:

@@ -290,7 +290,12 @@ class DNSMOSModel:
         return {**self.__dict__, "_model": None, "_cache": _LRU()}
 
     def release(self) -> None:
+        """Drop the sessions and the cached scores (a worker process reloads on first use)."""
         self._model, self._cache = None, _LRU()
+
+    def clear_cache(self) -> None:
+        """Forget the scores of the last clips (the next call on the same audio runs the models again)."""
+        self._cache = _LRU()
 
     def _load(self) -> Any:
         try:
