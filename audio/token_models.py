@@ -8,8 +8,8 @@ alignment there is to learn.
 
 - :class:`MaskedTokenRestorer` (MaskGIT, Chang et al. 2022): a bidirectional transformer; input per frame =
   Σ_q emb_q(token or [MASK]_q) + condition; ``Q`` heads give every codebook's distribution at every frame.
-  Training masks a share ``r = cos(π/2 · u)``, ``u ~ U[0, 1)`` of the tokens (the cosine schedule, eq. 1 of
-  the paper with γ = cos) and scores the masked ones (:func:`masked_training_loss`). Sampling
+  Training masks a share ``r = cos(π/2 · u)``, ``u ~ U[0, 1)`` of the tokens (the paper's cosine mask schedule
+  γ(r) = cos(πr/2)) and scores the masked ones (:func:`masked_training_loss`). Sampling
   (:meth:`MaskedTokenRestorer.generate`) starts from all-[MASK] and, at each of ``S`` steps, predicts every
   masked token in parallel, keeps the most confident and re-masks the others so that ``⌊n·cos(π/2·s/S)⌋``
   stay masked after step ``s``. Deviation: the confidence ranking runs within blocks of
@@ -25,7 +25,7 @@ alignment there is to learn.
 Attention is LOCAL: every layer attends within ``attn_window`` frames (both sides for the masked model, the
 past for the AR one) with ALiBi distance biases (Press et al. 2022) and no absolute positions, so a frame's
 output depends on the inputs within ``depth · attn_window`` frames only, the same wherever the frame sits.
-Generation of the AR model runs each step on that window alone (exact, and O(window) per frame).
+The AR model generates incrementally with a per-layer key/value cache of the last ``attn_window`` frames.
 
 Long inputs (:func:`restore`) are restored in chunks of ``chunk_seconds`` with ``overlap_seconds`` of overlap
 and cross-faded in the waveform domain (raised-cosine over the central half of each overlap; the weights sum
@@ -189,6 +189,22 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, H, N, d)
         return self.to_out(out.transpose(1, 2).reshape(b, n, c))
 
+    def step(
+        self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None, window: int, slopes: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One new causal position ``x`` ``(B, 1, C)`` against the cached keys/values of the last ``window``
+        positions: the same output as the full causal pass gives at that position (ALiBi depends on distances
+        only). Returns the output and the cache with this position added (and the oldest one dropped)."""
+        b, _, c = x.shape
+        q, k, v = (f(x).view(b, 1, self.heads, c // self.heads).transpose(1, 2)
+                   for f in (self.to_q, self.to_k, self.to_v))  # (B, H, 1, d) each
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)  # (B, H, L + 1, d)
+        dist = torch.arange(k.shape[2] - 1, -1, -1, device=x.device, dtype=torch.float32)  # i − j, oldest first
+        bias = (-slopes[:, None] * dist[None])[None, :, None, :]  # (1, H, 1, L + 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, H, 1, d)
+        return self.to_out(out.transpose(1, 2).reshape(b, 1, c)), (k[:, :, -window:], v[:, :, -window:])
+
 
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(LN x)``, then ``x + ff(LN x)``."""
@@ -203,6 +219,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), bias)
         return x + self.ff(self.norm2(x))
+
+    def step(
+        self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None, window: int, slopes: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward` for one new causal position with a key/value cache (see :meth:`Attention.step`)."""
+        h, cache = self.attn.step(self.norm1(x), cache, window, slopes)
+        x = x + h
+        return x + self.ff(self.norm2(x)), cache
 
 
 class _TokenTransformer(nn.Module):
@@ -444,8 +468,9 @@ class ARTokenRestorer(_TokenTransformer, PyTorchModelHubMixin, library_name="mm-
     ) -> torch.Tensor:
         """Frame-by-frame sampling: ``(B, D, N)`` condition → clean codes ``(B, Q, N)``.
 
-        Each frame runs the trunk on the last ``context_frames + 1`` positions only: with local attention and
-        ALiBi the output there equals the full sequence's exactly.
+        Incremental: each frame runs the trunk on its one new position, attending to a cache of the last
+        ``attn_window`` positions' keys and values per layer; with causal local attention and ALiBi this is the
+        full teacher-forced pass's computation at that frame (O(window) per frame, memory O(window)).
 
         Args:
             cond: ``(B, D, N)`` codec latents of the degraded input.
@@ -465,20 +490,25 @@ class ARTokenRestorer(_TokenTransformer, PyTorchModelHubMixin, library_name="mm-
             start = min(prefix.shape[-1], n)
             tokens[:, :, :start] = prefix[:, :, :start]
         cond_emb = self.embed_condition(cond)  # (B, N, dim)
-        ctx = self.context_frames
-        for i in range(start, n):
-            lo = max(0, i - ctx)
-            window = torch.cat([torch.full_like(tokens[:, :, :1], self.bos_id), tokens[:, :, :i]], dim=2)[:, :, lo:]
-            x = self.embed_tokens(window) + cond_emb[:, lo: i + 1]  # (B, i − lo + 1, dim)
-            logits = self.trunk(x)[:, :, -1].float()  # (B, Q, K)
-            if greedy:
-                tokens[:, :, i] = logits.argmax(-1)
-                continue
-            logits = logits / max(temperature, 1e-6)
-            if top_k is not None and top_k < k:
-                kth = logits.topk(top_k, dim=-1).values[..., -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            tokens[:, :, i] = torch.multinomial(logits.softmax(-1).reshape(-1, k), 1, generator=g).view(b, q)
+        heads = cfg.heads
+        slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1, device=cond.device, dtype=torch.float32) / heads)
+        caches: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * cfg.depth
+        previous = torch.full_like(tokens[:, :, :1], self.bos_id)  # (B, Q, 1): frame i's input carries frame i − 1
+        for i in range(n):
+            x = self.embed_tokens(previous) + cond_emb[:, i: i + 1]  # (B, 1, dim)
+            for j, block in enumerate(self.blocks):
+                x, caches[j] = block.step(x, caches[j], cfg.attn_window, slopes)
+            if i >= start:  # the prefix frames only fill the caches
+                logits = self.to_logits(self.norm(x[:, 0])).view(b, q, k).float()  # (B, Q, K)
+                if greedy:
+                    tokens[:, :, i] = logits.argmax(-1)
+                else:
+                    logits = logits / max(temperature, 1e-6)
+                    if top_k is not None and top_k < k:
+                        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    tokens[:, :, i] = torch.multinomial(logits.softmax(-1).reshape(-1, k), 1, generator=g).view(b, q)
+            previous = tokens[:, :, i: i + 1]
         return tokens
 
 
@@ -495,9 +525,9 @@ def valid_frames(lengths: torch.Tensor, num_frames: int, hop_length: int) -> tor
 def cosine_mask(valid: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One MaskGIT training mask over the ``True`` entries of ``valid`` (any shape, e.g. ``(Q, N)``).
 
-    The masking ratio follows the cosine schedule, ``r = cos(π/2 · u)`` with ``u ~ U[0, 1)`` (Chang et al.
-    2022, §3.2), and ``max(1, ⌈r · n⌉)`` of the ``n`` valid entries are masked, uniformly at random. Both draws
-    come from ``generator``: the same seed gives the same mask.
+    The masking ratio follows MaskGIT's cosine schedule (Chang et al. 2022), ``r = cos(π/2 · u)`` with
+    ``u ~ U[0, 1)``, and ``max(1, ⌈r · n⌉)`` of the ``n`` valid entries are masked, uniformly at random. Both
+    draws come from ``generator``: the same seed gives the same mask.
     """
     flat = valid.flatten().bool().cpu()
     n = int(flat.sum())
@@ -611,14 +641,17 @@ def exact_overlap_seconds(model: nn.Module, codec: SpeechCodec, steps: int = 8) 
     An output sample is taken from a chunk only at least a quarter overlap away from that chunk's edges, so
     the overlap must be 4× the receptive field ``R`` (frames: the codec encoder's, the restorer's — for the
     masked model over ``steps`` decoding steps — and the codec decoder's); the AR model's teacher-forced
-    prefix (half the overlap) must also cover its context. Rounded up to the chunk grid by :func:`restore`.
+    prefix (half the overlap) must also cover its context. On the grid :func:`restore` places chunks on.
     """
     codec_rf = codec.receptive_field_frames
     if isinstance(model, MaskedTokenRestorer):
         frames = 4 * (2 * codec_rf + model.generation_receptive_field_frames(steps))
+        blk = model.config.decode_block_frames
+        frames = -(-frames // blk) * blk  # up to the chunk grid (restore places chunks on ranking blocks)
     else:
         cond_rf = codec_rf + model.config.cond_kernel // 2
         frames = max(4 * (codec_rf + cond_rf), 2 * (model.context_frames + cond_rf))
+        frames += frames % 2  # an even number of frames: the prefix is half of it
     return frames * codec.hop_length / codec.sample_rate
 
 
@@ -737,12 +770,17 @@ def save_restorer(model: nn.Module, codec: SpeechCodec, output_dir: str | os.Pat
 
     ``state_dict``: weights to write instead of ``model``'s own (e.g. gathered from a sharded engine).
     """
+    from dataclasses import asdict
+
     from safetensors.torch import save_file
 
     _paradigm(model)
     out = Path(output_dir)
-    model.save_pretrained(out)  # type: ignore[attr-defined]
-    if state_dict is not None:
+    if state_dict is None:
+        model.save_pretrained(out)  # type: ignore[attr-defined]
+    else:  # sharded parameters: write the gathered weights and the config, never touch the shards
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(model.config), sort_keys=True, indent=2))
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(out / "model.safetensors"),
                   metadata={"format": "pt"})
     codec.save_pretrained(out / CODEC_SUBFOLDER)

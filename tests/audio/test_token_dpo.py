@@ -236,6 +236,23 @@ def test_ar_logps_equal_a_hand_computation(world: dict[str, Path]) -> None:
     assert all(torch.equal(again[k], batch[k]) for k in batch)
 
 
+@pytest.mark.parametrize("paradigm", ["masked", "ar"])
+def test_unpaired_records_score_one_row_each(world: dict[str, Path], paradigm: str) -> None:
+    """KTO-style records (one completion, desirable or not) give one row per record: ``chosen`` holds every
+    sample's log-prob, ``desirable`` their labels, ``n_tokens`` the scored tokens."""
+    from mm_align.data import UnpairedSample
+
+    adapter = _adapter(world, paradigm)
+    records = [UnpairedSample(prompt=f"deg/u{i}.wav", completion=f"{'good' if i % 2 else 'bad'}/u{i}.wav",
+                              desirable=bool(i % 2), id=f"u{i}") for i in range(3)]
+    batch = adapter.collate(records, [1, 2, 3])
+    assert batch["codes"].shape[0] == 3 and batch["desirable"].tolist() == [False, True, False]
+    with torch.no_grad():
+        s = adapter.scores(batch, adapter.model)
+    assert s.rejected is None and s.chosen.shape == (3,) and torch.isfinite(s.chosen).all()
+    assert s.desirable.tolist() == [False, True, False] and (s.n_tokens_chosen > 0).all()
+
+
 # ---- training through the trainer ----------------------------------------------------------------------------
 @pytest.mark.parametrize("paradigm", ["masked", "ar"])
 def test_dpo_steps(world: dict[str, Path], tmp_path: Path, paradigm: str) -> None:
