@@ -292,7 +292,9 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"restore, {rs['input_seconds']:.0f} s input in 8 s chunks with 1 s overlap "
                          f"({rs['settings']}), {rs['threads']} threads: {rs['wall_s']:.2f} s wall, real-time factor "
                          f"**{rs['rtf']:.3f}**  ")
-        lines += [""]
+        lines += ["", "(The restore timings ran on the same shared cores: with other jobs runnable, a second OpenMP "
+                  "thread spends its time waiting on the first — the AR model's work per frame is a few "
+                  "matrix-vector products — so here 2 threads are slower than 1.)", ""]
     return "\n".join(lines)
 
 
