@@ -25,7 +25,7 @@ from typing import Any
 
 from mm_align.help_format import HelpFormatter, RawDescriptionHelpFormatter
 
-COMMANDS = ("train", "generate", "evaluate", "bench", "convert", "doctor", "report", "quickstart", "ls")
+COMMANDS = ("train", "generate", "evaluate", "bench", "convert", "restore", "doctor", "report", "quickstart", "ls")
 LS_WHAT = ("losses", "adapters", "configs", "keys", "accelerate")
 
 
@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         ("evaluate", "score samples with evaluators"),
         ("bench", "benchmark base vs aligned"),
         ("convert", "convert datasets between formats"),
+        ("restore", "restore degraded inputs with a model"),
     )
     for name, what in modality_commands:
         modalities = _modalities_with(name)
@@ -326,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args.config, args.overrides)
-        if args.command in ("generate", "evaluate", "bench", "convert"):
+        if args.command in ("generate", "evaluate", "bench", "convert", "restore"):
             return cmd_modality(args.command, args.modality, args.args)
         if args.command == "doctor":
             return cmd_doctor(args.data, args.format, args.kind, args.modality, args.sample_rate)

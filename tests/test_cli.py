@@ -163,7 +163,8 @@ def test_unimplemented_modality_commands_say_so(command, capsys):
 
 def test_command_list_is_explicit(capsys):
     """COMMANDS is the list the parser accepts, exactly; any other command is refused."""
-    assert COMMANDS == ("train", "generate", "evaluate", "bench", "convert", "doctor", "report", "quickstart", "ls")
+    assert COMMANDS == ("train", "generate", "evaluate", "bench", "convert", "restore", "doctor", "report",
+                        "quickstart", "ls")
     sub = next(a for a in cli._parser()._actions if a.dest == "command")
     assert tuple(sub.choices) == COMMANDS
     with pytest.raises(SystemExit) as exc:
