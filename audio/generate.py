@@ -46,7 +46,7 @@ import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,7 +54,7 @@ import torch
 from mm_align.audio.datasets import SpeechClip as InputClip
 from mm_align.audio.datasets import read_speech_set
 from mm_align.audio.io import AudioError, load_audio, save_audio
-from mm_align.audio.metric_suite import MetricSuite
+from mm_align.audio.metric_suite import MetricSuite, SuiteConfig
 from mm_align.audio.metric_suite import SpeechClip as ScoredClip
 from mm_align.audio.metrics import SpeechMetric, build_metrics
 from mm_align.audio.restore import paradigm_of
@@ -299,7 +299,7 @@ def _rel(path: Path, out_dir: Path) -> str:
         return str(p)
 
 
-def _read_inputs(inputs: str | Path | Sequence[InputClip], out_dir: Path, seed: int,
+def _read_inputs(inputs: str | Path | Sequence[InputClip], out_dir: Path,
                  max_inputs: int | None) -> tuple[list[InputClip], dict[str, int]]:
     """The degraded inputs and the reader's skips by reason (``world:SPLIT`` writes the speech world's)."""
     if isinstance(inputs, (str, Path)):
@@ -307,7 +307,8 @@ def _read_inputs(inputs: str | Path | Sequence[InputClip], out_dir: Path, seed: 
         if source.startswith("world:"):
             from mm_align.audio.toyworld.speech_world import write_degraded_split
 
-            source = str(write_degraded_split(source.split(":", 1)[1], out_dir / "inputs", seed, max_inputs))
+            # the world's inputs are fixed (degradation seed 0), whatever the sampling seed
+            source = str(write_degraded_split(source.split(":", 1)[1], out_dir / "inputs", 0, max_inputs))
         read = read_speech_set(source)
         return read.clips[:max_inputs], read.skipped_by_reason()
     clips = list(inputs)[:max_inputs]
@@ -359,6 +360,7 @@ def generate_speech_pairs(
     chunk_seconds: float | None = 8.0,
     temperature: float = 1.0,
     inputs_per_batch: int = 8,
+    suite_config: SuiteConfig | None = None,
     progress: bool = True,
 ) -> SpeechGenerateResult:
     """Sample N restorations per degraded input, score them, keep GenSR-Pref unanimous pairs (module docstring).
@@ -367,7 +369,7 @@ def generate_speech_pairs(
         model_dir: a flow, masked or AR restorer directory (:func:`load_restorer_any`).
         inputs: a restoration set (VoiceBank / DNS directory or jsonl manifest, :func:`read_speech_set`),
             ``"world:train"`` / ``"world:dev"`` (the speech world's degraded split, written under
-            ``out_dir/inputs``, its degradations drawn from ``seed``), or a list of
+            ``out_dir/inputs``, degradation seed 0, so they do not change with ``seed``), or a list of
             :class:`mm_align.audio.datasets.SpeechClip`.
         out_dir: where samples, ``pairs.jsonl`` and ``summary.json`` go.
         n: restorations per input (>= 2).
@@ -387,6 +389,8 @@ def generate_speech_pairs(
         inputs_per_batch: inputs restored before one suite call scores all their candidates (and their
             ``scores.json`` are written): larger batches keep the suite's workers busier, smaller lose less
             work to an interruption.
+        suite_config: the bad-audio thresholds of the metric suite (its ``on_bad`` is always ``"skip"``: a bad
+            restoration simply forms no pair, and is counted by reason).
         progress: one tqdm bar over the inputs.
 
     Raises:
@@ -401,16 +405,21 @@ def generate_speech_pairs(
     model_path = Path(model_dir)
     if not model_path.is_dir():
         raise FileNotFoundError(f"--model {model_dir}: no such directory")
-    clips, unreadable = _read_inputs(inputs, out, seed, max_inputs)
+    clips, unreadable = _read_inputs(inputs, out, max_inputs)
     if metrics is None:
         metrics = DEFAULT_METRICS if clips and all(c.clean for c in clips) else DEFAULT_BLIND_METRICS
     built = build_metrics(list(metrics))
     names = [m.name for m in built]
     rules = pair_rules(built, margins, single_metric)
     _check_inputs(clips, built)
-    suite = MetricSuite(built, on_bad="skip", num_workers=num_workers, progress=False)
+    overrides: dict[str, Any] = {"on_bad": "skip", "progress": False}
+    if num_workers is not None:
+        overrides["num_workers"] = num_workers
+    suite = MetricSuite(built, suite_config, **overrides)
     fingerprint = {"version": _FORMAT_VERSION, "model": str(model_path.resolve()), "n": n, "seed": seed,
-                   "steps": steps, "metrics": names, "chunk_seconds": chunk_seconds, "temperature": temperature}
+                   "steps": steps, "metrics": names, "chunk_seconds": chunk_seconds, "temperature": temperature,
+                   "checks": {k: v for k, v in asdict(suite.config).items()
+                              if k not in ("num_workers", "start_method", "progress")}}
     (out / "samples").mkdir(parents=True, exist_ok=True)
     dirs = {c.id: out / "samples" / _safe(c.id) for c in clips}
     states: dict[str, dict[str, Any]] = {}
@@ -535,23 +544,22 @@ def _summary(outcomes: list[InputOutcome], clips: list[InputClip], todo: list[In
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as a small table: inputs, candidates, pairs kept and every discard by reason."""
-    lines = [f"{'inputs':<40} {summary['inputs']:>6}  ({summary['new_inputs']} new, "
-             f"{summary['resumed_inputs']} already done)",
-             f"{'candidates':<40} {summary['candidates']:>6}",
-             f"{'  scored':<40} {summary['candidates_scored']:>6}"]
-    for reason, k in summary["candidates_bad_audio"].items():
-        lines.append(f"{'  bad audio, skipped: ' + reason:<40} {k:>6}")
-    rule = f"single metric {summary['single_metric']}" if summary["single_metric"] else "unanimous over " + \
-        ", ".join(summary["pair_metrics"])
-    lines.append(f"{'pairs kept (' + rule + ')':<40} {summary['pairs']:>6}")
-    lines.append(f"{'inputs paired':<40} {summary['inputs_paired']:>6}")
+    rows: list[tuple[str, int, str]] = [
+        ("inputs", summary["inputs"], f"{summary['new_inputs']} new, {summary['resumed_inputs']} already done"),
+        ("candidates", summary["candidates"], f"{summary['n']} per input, never the clean target"),
+        ("  scored", summary["candidates_scored"], ""),
+    ]
+    rows += [(f"  bad audio, skipped: {r}", k, "") for r, k in summary["candidates_bad_audio"].items()]
+    rule = (f"single metric {summary['single_metric']}" if summary["single_metric"]
+            else "unanimous over " + ", ".join(summary["pair_metrics"]))
+    rows.append(("pairs kept", summary["pairs"], rule))
+    rows.append(("inputs paired", summary["inputs_paired"], ""))
     for reason, k in summary["inputs_discarded"].items():
-        label = REASON_LABELS.get(reason, reason)
-        lines.append(f"{'inputs discarded: ' + reason:<40} {k:>6}  {label}; e.g. "
-                     f"{', '.join(summary['discard_examples'].get(reason, []))}")
-    for reason, k in summary["inputs_unreadable_by_reader"].items():
-        lines.append(f"{'inputs the reader skipped: ' + reason:<40} {k:>6}")
-    return "\n".join(lines)
+        examples = ", ".join(summary["discard_examples"].get(reason, []))
+        rows.append((f"inputs discarded: {reason}", k, f"{REASON_LABELS.get(reason, reason)}; e.g. {examples}"))
+    rows += [(f"inputs the reader skipped: {r}", k, "") for r, k in summary["inputs_unreadable_by_reader"].items()]
+    width = max(len(label) for label, _, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value:>6}" + (f"  ({note})" if note else "") for label, value, note in rows)
 
 
 class _Parser(argparse.ArgumentParser):
