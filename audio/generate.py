@@ -485,6 +485,10 @@ def _restore_and_score(sampler: SpeechSampler, suite: MetricSuite, batch: list[I
     for i, c in enumerate(batch):
         d = dirs[c.id]
         d.mkdir(parents=True, exist_ok=True)
+        (d / "scores.json").unlink(missing_ok=True)  # redone from here: never a stale record over new files
+        for old in d.glob("*.wav"):
+            if not (old.stem.isdigit() and int(old.stem) < n):
+                old.unlink()  # a sample of an earlier run with a larger N
         try:
             wave, sr = load_audio(c.degraded)
         except AudioError as err:

@@ -223,6 +223,7 @@ def test_end_to_end_flow_resumes_and_redoes_only_missing_inputs(models, manifest
     assert (dirs[0] / "scores.json").stat().st_mtime_ns == mtimes[dirs[0].name]
     # other settings (here N) are another run: its inputs are redone
     assert generate_speech_pairs(models / "flow", manifest, out, **{**kw, "n": 2}).summary["new_inputs"] == 3
+    assert sorted(f.name for f in dirs[0].iterdir()) == ["0.wav", "1.wav", "scores.json"]  # no stale sample
 
 
 def test_end_to_end_masked_command(models, manifest, tmp_path, capsys):
