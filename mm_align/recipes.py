@@ -34,6 +34,7 @@ MODALITY_COMMANDS: dict[tuple[str, str], str] = {
     ("bench", "image"): "mm_align.image.bench:bench_main",
     ("convert", "image"): "mm_align.image.converters:convert_main",
     ("convert", "speech"): "mm_align.audio.converters:convert_main",
+    ("generate", "speech"): "mm_align.audio.generate:generate_main",
     ("restore", "speech"): "mm_align.audio.restore:restore_main",
 }
 
