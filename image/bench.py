@@ -60,13 +60,14 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, kind, path)
 
 
-def _draw(model: str, variant: Variant, prompts: list[str], seeds: list[int], sampler: Any) -> list[Image.Image]:
+def _draw(model: str, variant: Variant, prompts: list[str], seeds: list[int], sampler: Any,
+          progress: Any = None) -> list[Image.Image]:
     from mm_align.image.sampling import load_pipeline, sample_images
 
     pipe = load_pipeline(model, lora=variant.path if variant.kind == "lora" else None,
                          npo_lora=variant.path if variant.kind == "npo" else None, cfg=sampler,
                          cond_lora=variant.path if variant.kind == "lora_cond" else None)
-    return sample_images(pipe, prompts, seeds, sampler)
+    return sample_images(pipe, prompts, seeds, sampler, progress=progress)
 
 
 def bench(model: str, prompts: list[str], variants: list[Variant], evaluators: list[Any], out: Path,
@@ -81,12 +82,17 @@ def bench(model: str, prompts: list[str], variants: list[Variant], evaluators: l
     images: dict[str, list[Image.Image]] = {}
     scores: dict[str, dict[str, np.ndarray]] = {}
     oracle: dict[str, list[Any]] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(variants) * len(prompts), desc="bench", unit="image", dynamic_ncols=True)
     for v in variants:
-        images[v.name] = _draw(model, v, prompts, seeds, sampler)
+        bar.set_postfix(variant=v.name)
+        images[v.name] = _draw(model, v, prompts, seeds, sampler, progress=bar.update)
         scores[v.name] = {e.name: np.asarray(e.score(images[v.name], prompts), dtype=np.float64) for e in evaluators}
         for e in evaluators:
             if hasattr(e, "details"):
                 oracle[v.name] = e.details(images[v.name], prompts)
+    bar.close()
     results: dict[str, Any] = {
         "model": model, "prompts": len(prompts), "seed": seed, "baseline": baseline,
         "sampler": {"scheduler": "DDIM", "steps": sampler.steps, "guidance_scale": sampler.guidance_scale,

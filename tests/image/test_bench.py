@@ -40,12 +40,15 @@ def setup(tmp_path_factory):
     return model, result.output_dir
 
 
-def test_bench_compares_variants_on_the_same_seeds(tmp_path, setup):
+def test_bench_compares_variants_on_the_same_seeds(tmp_path, setup, capfd):
     model, run = setup
+    capfd.readouterr()
     prompts = [s.prompt for s in split_specs("heldout")[:5]]
     variants = [parse_variant("base"), parse_variant(f"dpo=lora:{run / 'final'}"),
                 parse_variant(f"npo_guidance=npo:{run / 'final'}")]
     results = bench(str(model), prompts, variants, [ShapesOracle()], tmp_path / "b", FAST, runs={"dpo": str(run)})
+    err = capfd.readouterr().err
+    assert "bench: 100%" in err and "15/15" in err  # one bar for the stage: 3 variants × 5 prompts
     assert set(results["variants"]) == {"base", "dpo", "npo_guidance"}
     for name in ("dpo", "npo_guidance"):
         vs = results["variants"][name]["scores"]["shapes_oracle"]["vs_baseline"]
