@@ -47,6 +47,7 @@ __all__ = [
     "prepare_reference",
     "grad_clip_parameters",
     "trainable_norm",
+    "quiet_engine_detection",
     "save_engine_state",
     "load_engine_state",
 ]
@@ -196,6 +197,19 @@ def grad_clip_parameters(accelerator: Accelerator, model: nn.Module, trainable: 
     FSDP clipping recognises a model only by its full parameter list; elsewhere, the trainable ones.
     """
     return list(model.parameters()) if engine(accelerator) == "fsdp2" else trainable
+
+
+def quiet_engine_detection() -> None:
+    """Tell DeepSpeed, when it is installed and no GPU is visible, that it runs on the CPU.
+
+    accelerate imports DeepSpeed (when installed) inside ``unwrap_model``, and DeepSpeed's device
+    detection then warns "Setting accelerator to CPU ..." on every CPU run, in the middle of our bar.
+    ``DS_ACCELERATOR=cpu`` is what that detection falls back to anyway; a value the user set is kept.
+    """
+    import os
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def trainable_norm(accelerator: Accelerator, model: nn.Module) -> float:

@@ -68,6 +68,7 @@ from mm_align.distributed import (
     loss_scale,
     optimizer_state,
     prepare_reference,
+    quiet_engine_detection,
     save_engine_state,
     sharded,
     trainable_norm,
@@ -332,6 +333,7 @@ def train(
     if AcceleratorState._shared_state and not PartialState().use_distributed:
         # a second run in the same single process (a notebook, a test) may change the precision
         AcceleratorState._reset_state()
+    quiet_engine_detection()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     check_engine(accelerator, adapter)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process

@@ -125,7 +125,8 @@ def test_a_huge_learning_rate_stops_at_the_update_that_explodes(tmp_path, caplog
         train(SyntheticAdapter(), WORLD.pairs(200, seed=7), cfg)
     diverged = [m for m in _warnings(caplog) if "diverged" in m]
     assert len(diverged) == 3  # divergence_patience=3 by default
-    assert diverged[0].removeprefix("[RANK 0] ").startswith("step 1 diverged: the update changed the trainable weights' norm")
+    first = diverged[0].removeprefix("[RANK 0] ")
+    assert first.startswith("step 1 diverged: the update changed the trainable weights' norm")
     assert "loss" not in diverged[0].split("diverged:")[1].split("(")[0]  # the loss had not moved yet
     assert "loss 4.9" in diverged[1] and "divergence_update_ratio" in diverged[1]
     assert list_checkpoints(tmp_path / "run") == []  # no diverged step saved
@@ -200,3 +201,24 @@ def test_a_skipped_step_names_the_file_line_of_its_record(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if "step skipped" in r.getMessage()]
     assert warnings, "the poisoned record's step was never skipped"
     assert all(f"non-finite scores in: record {path}:6, id 'bad', index 5" in w for w in warnings), warnings
+
+
+def test_a_cpu_run_prints_no_deepspeed_device_warning(tmp_path):
+    """With DeepSpeed installed (the test extra), a CPU run must not print its 'Setting accelerator to CPU' warning
+    when accelerate unwraps the model (issue 11, item 7: no warnings from our own calls)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    code = ("from mm_align.run_config import TrainConfig\n"
+            "from mm_align.synthetic import SyntheticAdapter, SyntheticWorld\n"
+            "from mm_align.trainer import train\n"
+            f"cfg = TrainConfig(output_dir={str(tmp_path / 'run')!r}, loss=['sigmoid'], max_steps=2, batch_size=4, "
+            "report_to=['none'])\n"
+            "train(SyntheticAdapter(), SyntheticWorld(seed=1).pairs(16, seed=0), cfg)\n")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr
