@@ -145,7 +145,7 @@ def train_method(name: str, model: str, data: dict[str, Path], out: Path, seed: 
     return out
 
 
-def screenshot(page: Path, png: Path, width: int = 1400, height: int = 7200) -> bool:
+def screenshot(page: Path, png: Path, width: int = 1400, height: int = 5100) -> bool:
     """Headless Chromium screenshot of an HTML page; False (and a note) when no Chromium is installed."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
