@@ -88,8 +88,8 @@ def win_rate_chart(results: dict) -> str | None:
             vs = results["variants"][name]["scores"][ev]["vs_baseline"]
             low, high = vs["ci"]
             colour = "#2e7d32" if low > 0.5 else "#c62828" if high < 0.5 else "#555555"
-            ax.errorbar(vs["rate"], y, xerr=[[max(0.0, vs["rate"] - low)], [max(0.0, high - vs["rate"])]], fmt="o", color=colour,
-                        capsize=3, markersize=5)
+            xerr = [[max(0.0, vs["rate"] - low)], [max(0.0, high - vs["rate"])]]
+            ax.errorbar(vs["rate"], y, xerr=xerr, fmt="o", color=colour, capsize=3, markersize=5)
             ax.annotate(f"{vs['rate']:.2f}", (high, y), xytext=(4, -3), textcoords="offset points", fontsize=8)
         ax.axvline(0.5, color="#999", linestyle="--", linewidth=1)
         ax.set_xlim(0, 1)
