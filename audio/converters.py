@@ -44,8 +44,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mm_align.audio.datasets import SPEECH_SET_FORMATS, SkippedClip, SpeechClip, read_speech_set
@@ -53,6 +52,7 @@ from mm_align.audio.io import AudioError, load_audio, save_audio
 
 from mm_align.atomic import atomic_write_text
 from mm_align.data import DataError
+from mm_align.data.conversion import ConversionSummary
 from mm_align.data.io import JSONL_SUFFIXES
 from mm_align.help_format import HelpFormatter
 
@@ -61,46 +61,15 @@ __all__ = ["OUTPUT_FORMATS", "AUDIO_MODES", "SpeechConvertSummary", "convert_spe
 OUTPUT_FORMATS = ("manifest", "voicebank")
 AUDIO_MODES = ("copy", "reference")
 _VOICEBANK_DIRS = ("noisy_testset_wav", "clean_testset_wav", "testset_txt")
-_MAX_LISTED = 10
 
 
 @dataclass
-class SpeechConvertSummary:
-    """What :func:`convert_speech` did.
+class SpeechConvertSummary(ConversionSummary):
+    """What :func:`convert_speech` did: clips read (and kept by the reader), skipped (by the reader or the
+    conversion, each with its file and reason), written (the manifest file, or the VoiceBank directory)."""
 
-    Args:
-        src: The source set.
-        dst: The written set (the manifest file, or the VoiceBank directory).
-        src_format: The source format (detected when ``"auto"`` was asked).
-        dst_format: ``manifest`` or ``voicebank``.
-        read: Clips read (and kept by the reader).
-        written: Clips written.
-        skipped: Everything skipped, by the reader or by the conversion, each with its file and reason.
-    """
-
-    src: str
-    dst: str
-    src_format: str
-    dst_format: str
-    read: int
-    written: int
-    skipped: list[SkippedClip] = field(default_factory=list)
-
-    def skipped_by_reason(self) -> dict[str, int]:
-        """Skipped entries counted by reason category (the text before the first ``':'``)."""
-        return dict(Counter(s.reason.split(":", 1)[0].strip() for s in self.skipped))
-
-    def text(self) -> str:
-        """A few lines: clips read (and skipped, by reason, with the first skipped entries), clips written."""
-        lines = [f"read {self.read} clips from {self.src} ({self.src_format})"]
-        if self.skipped:
-            counts = ", ".join(f"{k}: {n}" for k, n in self.skipped_by_reason().items())
-            lines[0] += f"; skipped {len(self.skipped)} ({counts})"
-            lines += [f"  {s.where()}: {s.reason}" for s in self.skipped[:_MAX_LISTED]]
-            if len(self.skipped) > _MAX_LISTED:
-                lines.append(f"  ... and {len(self.skipped) - _MAX_LISTED} more")
-        lines.append(f"wrote {self.written} clips to {self.dst} ({self.dst_format})")
-        return "\n".join(lines)
+    unit: str = "clips"
+    skipped_unit: str = "clips"
 
 
 def file_stem(clip_id: str) -> str:

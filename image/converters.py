@@ -41,8 +41,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mm_align.image.pair_readers import (
@@ -55,7 +54,8 @@ from mm_align.image.pair_readers import (
 )
 from mm_align.image.pair_writers import WRITERS, write_image_jsonl, write_pair_folders, write_pickapic
 
-from mm_align.data import DataError, SkippedRow
+from mm_align.data import DataError
+from mm_align.data.conversion import ConversionSummary
 from mm_align.data.io import JSONL_SUFFIXES
 from mm_align.help_format import HelpFormatter
 
@@ -74,49 +74,14 @@ __all__ = [
     "write_pickapic",
 ]
 
-_MAX_LISTED_SKIPS = 10
 
 
 # ---- convert -------------------------------------------------------------------------------------
 
 
 @dataclass
-class ConvertSummary:
-    """What :func:`convert` did.
-
-    Args:
-        src: The source dataset.
-        dst: The written dataset.
-        src_format: The source format (detected when ``"auto"`` was asked).
-        dst_format: The destination format.
-        read: Pairs read (and kept).
-        written: Pairs written.
-        skipped: The source rows skipped, each with its file, row and reason.
-    """
-
-    src: str
-    dst: str
-    src_format: str
-    dst_format: str
-    read: int
-    written: int
-    skipped: list[SkippedRow] = field(default_factory=list)
-
-    def skipped_by_reason(self) -> dict[str, int]:
-        """Skipped rows counted by reason category (the text before the first ``':'``)."""
-        return dict(Counter(s.reason.split(":", 1)[0].strip() for s in self.skipped))
-
-    def text(self) -> str:
-        """A few lines: pairs read (and skipped, by reason, with the first skipped rows), pairs written."""
-        lines = [f"read {self.read} pairs from {self.src} ({self.src_format})"]
-        if self.skipped:
-            counts = ", ".join(f"{k}: {n}" for k, n in self.skipped_by_reason().items())
-            lines[0] += f"; skipped {len(self.skipped)} rows ({counts})"
-            lines += [f"  {s.where()}: {s.reason}" for s in self.skipped[:_MAX_LISTED_SKIPS]]
-            if len(self.skipped) > _MAX_LISTED_SKIPS:
-                lines.append(f"  ... and {len(self.skipped) - _MAX_LISTED_SKIPS} more")
-        lines.append(f"wrote {self.written} pairs to {self.dst} ({self.dst_format})")
-        return "\n".join(lines)
+class ConvertSummary(ConversionSummary):
+    """What :func:`convert` did (pairs read, skipped source rows with file, row and reason, pairs written)."""
 
 
 def _dst_format(dst: Path) -> str:

@@ -46,7 +46,7 @@ def test_voicebank_to_manifest_copies_the_files(tmp_path, capsys):
     out = tmp_path / "out"
     assert convert_main([str(src), str(out), "--to", "manifest"]) == 0
     printed = capsys.readouterr().out
-    assert "read 2 clips" in printed and "skipped 1 (missing clean: 1)" in printed and "p257_001.wav" in printed
+    assert "read 2 clips" in printed and "skipped 1 clips (missing clean: 1)" in printed and "p257_001.wav" in printed
     assert f"wrote 2 clips to {out / 'manifest.jsonl'} (manifest)" in printed
     assert rows(out / "manifest.jsonl") == [
         {"id": "p232_001", "degraded": "audio/degraded/p232_001.wav", "clean": "audio/clean/p232_001.wav",
