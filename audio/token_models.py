@@ -234,6 +234,20 @@ class _TokenTransformer(nn.Module):
     frame-aligned conditioning convolution, the local-attention trunk and the ``Q`` output heads."""
 
     causal = False
+    config_class: type = object  # the subclass's config dataclass
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self._build(config)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> Any:
+        if os.path.isdir(model_id):  # strict: a missing weight is an error, not a fresh init
+            config = kwargs["config"]
+            config = cls.config_class(**config) if isinstance(config, dict) else config
+            return load_strict(cls, model_id, {"config": config})
+        return super()._from_pretrained(model_id=model_id, strict=True, **kwargs)
 
     def _build(self, cfg: Any) -> None:
         q, k = cfg.num_quantizers, cfg.codebook_size
@@ -300,18 +314,10 @@ class MaskedTokenRestorer(_TokenTransformer, PyTorchModelHubMixin, library_name=
 
     causal = False
 
-    def __init__(self, config: MaskedRestorerConfig) -> None:
-        super().__init__()
-        self.config = config
-        self._build(config)
+    config_class = MaskedRestorerConfig
 
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> "MaskedTokenRestorer":
-        if os.path.isdir(model_id):
-            config = kwargs["config"]
-            config = MaskedRestorerConfig(**config) if isinstance(config, dict) else config
-            return load_strict(cls, model_id, {"config": config})
-        return super()._from_pretrained(model_id=model_id, strict=True, **kwargs)
+    def __init__(self, config: MaskedRestorerConfig) -> None:  # the signature PyTorchModelHubMixin reads
+        super().__init__(config)
 
     @property
     def mask_id(self) -> int:
@@ -420,18 +426,10 @@ class ARTokenRestorer(_TokenTransformer, PyTorchModelHubMixin, library_name="mm-
 
     causal = True
 
-    def __init__(self, config: ARRestorerConfig) -> None:
-        super().__init__()
-        self.config = config
-        self._build(config)
+    config_class = ARRestorerConfig
 
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> "ARTokenRestorer":
-        if os.path.isdir(model_id):
-            config = kwargs["config"]
-            config = ARRestorerConfig(**config) if isinstance(config, dict) else config
-            return load_strict(cls, model_id, {"config": config})
-        return super()._from_pretrained(model_id=model_id, strict=True, **kwargs)
+    def __init__(self, config: ARRestorerConfig) -> None:  # the signature PyTorchModelHubMixin reads
+        super().__init__(config)
 
     @property
     def bos_id(self) -> int:
