@@ -79,11 +79,11 @@ def _check_common(config: Any) -> None:
 
 
 @dataclass
-class MaskedSpeechConfig:
-    """A masked-token restorer directory and how its preference batches are made."""
+class _TokenSpeechConfig:
+    """The fields both token paradigms' configs have."""
 
-    pretrained: str = option("", help="A restorer directory with paradigm 'masked' (config.json, model.safetensors, "
-                                      "codec/), as save_restorer writes it.")
+    pretrained: str = option("", help="A restorer directory (config.json, model.safetensors, codec/), as "
+                                      "save_restorer writes it.")
     sample_rate: int | None = option(None, help="Rate the waves are loaded at; None = the codec's (another value is "
                                                 "an error: the codec runs at its own rate).")
     crop_seconds: float | None = option(2.0, help="One random crop per pair (the same offset for degraded, chosen "
@@ -97,21 +97,19 @@ class MaskedSpeechConfig:
 
 
 @dataclass
-class ARSpeechConfig:
+class MaskedSpeechConfig(_TokenSpeechConfig):
+    """A masked-token restorer directory and how its preference batches are made."""
+
+    pretrained: str = option("", help="A restorer directory with paradigm 'masked' (config.json, model.safetensors, "
+                                      "codec/), as save_restorer writes it.")
+
+
+@dataclass
+class ARSpeechConfig(_TokenSpeechConfig):
     """An autoregressive token restorer directory and how its preference batches are made."""
 
     pretrained: str = option("", help="A restorer directory with paradigm 'ar' (config.json, model.safetensors, "
                                       "codec/), as save_restorer writes it.")
-    sample_rate: int | None = option(None, help="Rate the waves are loaded at; None = the codec's (another value is "
-                                                "an error: the codec runs at its own rate).")
-    crop_seconds: float | None = option(2.0, help="One random crop per pair (the same offset for degraded, chosen "
-                                                  "and rejected); null = whole clips, padded to the longest.")
-    lora_target_modules: list[str] | None = option(
-        None, help="LoRA targets; None = the attention projections (to_q, to_k, to_v, to_out)."
-    )
-
-    def __post_init__(self) -> None:
-        _check_common(self)
 
 
 # ---- what both adapters share (functions, not a base class) ------------------------------------------------
