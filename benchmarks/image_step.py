@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from timing import format_times, medians, time_rounds, warm_up
 
 VARIANTS = ("plain", "ref_forward", "dpo", "dpo_cached_ref", "mapo")
 
@@ -252,20 +251,12 @@ def measure(size_name: str = "small", device: str = "cpu", reps: int = 7, steps_
     size, dev = SIZES[size_name], torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(size, dev, Path(tmp))
-        for v in VARIANTS:
-            for _ in range(warmup):
-                bench.step(v)
-        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        for rep in range(reps):
-            order = VARIANTS if rep % 2 == 0 else VARIANTS[::-1]  # alternate the order: drift hits all alike
-            for v in order:
-                for _ in range(steps_per_rep):
-                    t0 = time.perf_counter()
-                    bench.step(v)
-                    times[v].append(time.perf_counter() - t0)
-            log(f"rep {rep + 1}/{reps}: " + ", ".join(f"{v} {statistics.median(times[v]):.4f}" for v in VARIANTS))
+        warm_up(bench.step, VARIANTS, warmup)
+        # each round: steps_per_rep steps of each variant, the order alternating between rounds
+        times = time_rounds(bench.step, VARIANTS, reps, repeat=steps_per_rep,
+                            after_round=lambda r, t: log(f"rep {r + 1}/{reps}: " + format_times(medians(t))))
         params = bench.params
-    med = {v: statistics.median(times[v]) for v in VARIANTS}
+    med = medians(times)
     memory = {v: _memory_in_subprocess(size_name, v, device) for v in ("plain", "dpo", "dpo_cached_ref", "mapo")}
     floor = med["plain"] + med["ref_forward"]
     ratios = {

@@ -36,11 +36,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from timing import format_times, median_of_ratios, medians, per_round_ratios, time_rounds, warm_up
 
 VARIANTS = ("supervised", "ref_forward", "dpo", "dpo_cached_ref")
 SR = 16_000
@@ -155,30 +156,20 @@ def measure_restore(seconds: float = 10.0, reps: int = 3, threads: int = 2) -> d
 
 def _rounds(bench: Bench, reps: int, clock: Callable[[], float], log: Callable[[str], None], label: str,
             ) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for rep in range(reps):
-        order = VARIANTS if rep % 2 == 0 else VARIANTS[::-1]  # alternate the order: drift hits all alike
-        for v in order:
-            t0 = clock()
-            bench.step(v)
-            times[v].append(clock() - t0)
-        log(f"{label} round {rep + 1}/{reps}: " + ", ".join(f"{v} {times[v][-1]:.4f}" for v in VARIANTS))
-    return times
+    def progress(r: int, times: dict[str, list[float]]) -> None:
+        log(f"{label} round {r + 1}/{reps}: " + format_times({v: t[-1] for v, t in times.items()}))
+
+    return time_rounds(bench.step, VARIANTS, reps, clock=clock, after_round=progress)
+
+
+def _judged(t: Mapping[str, float]) -> dict[str, float]:
+    return {"dpo / (supervised + ref_forward)": t["dpo"] / (t["supervised"] + t["ref_forward"]),
+            "dpo_cached_ref / supervised": t["dpo_cached_ref"] / t["supervised"]}
 
 
 def _ratios(times: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
     """(median over rounds of each round's ratio, ratio of the medians)."""
-    med = {v: statistics.median(times[v]) for v in VARIANTS}
-    per_round = {
-        "dpo / (supervised + ref_forward)": [d / (s + r) for d, s, r in zip(times["dpo"], times["supervised"],
-                                                                           times["ref_forward"])],
-        "dpo_cached_ref / supervised": [c / s for c, s in zip(times["dpo_cached_ref"], times["supervised"])],
-    }
-    of_medians = {
-        "dpo / (supervised + ref_forward)": med["dpo"] / (med["supervised"] + med["ref_forward"]),
-        "dpo_cached_ref / supervised": med["dpo_cached_ref"] / med["supervised"],
-    }
-    return {k: statistics.median(v) for k, v in per_round.items()}, of_medians
+    return median_of_ratios(per_round_ratios(times, _judged)), _judged(medians(times))
 
 
 def measure(reps: int = 15, wall_reps: int = 7, warmup: int = 2, threads: int = 2,
@@ -194,13 +185,10 @@ def measure(reps: int = 15, wall_reps: int = 7, warmup: int = 2, threads: int = 
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp))
         torch.set_num_threads(1)
-        for v in VARIANTS:
-            for _ in range(warmup):
-                bench.step(v)
+        warm_up(bench.step, VARIANTS, warmup)
         cpu = _rounds(bench, reps, time.process_time, log, "cpu, 1 thread")
         torch.set_num_threads(threads)
-        for v in VARIANTS:
-            bench.step(v)
+        warm_up(bench.step, VARIANTS, 1)
         wall = _rounds(bench, wall_reps, time.perf_counter, log, f"wall, {threads} threads")
         params = bench.params
         shape = tuple(bench.batch["y"].shape)
@@ -215,8 +203,8 @@ def measure(reps: int = 15, wall_reps: int = 7, warmup: int = 2, threads: int = 
     return {
         "notes": notes, "parameters": params, "threads": threads, "rounds": reps, "wall_rounds": wall_reps,
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "cpu_s_per_step": {v: statistics.median(cpu[v]) for v in VARIANTS}, "all_cpu_s": cpu,
-        "wall_s_per_step": {v: statistics.median(wall[v]) for v in VARIANTS}, "all_wall_s": wall,
+        "cpu_s_per_step": medians(cpu), "all_cpu_s": cpu,
+        "wall_s_per_step": medians(wall), "all_wall_s": wall,
         "ratios": ratios, "ratios_of_medians": ratios_of_medians,
         "wall_ratios": wall_ratios, "wall_ratios_of_medians": wall_ratios_of_medians,
         "targets": targets, "pass": {k: ratios[k] <= targets[k] for k in ratios}, "restore": restoring,

@@ -43,6 +43,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timing import (
+    fastest,
+    format_times,
+    median_of_ratios,
+    medians,
+    per_round_ratios,
+    rotating,
+    time_rounds,
+    warm_up,
+)
 
 VARIANTS = ("supervised", "ref_forward", "dpo", "dpo_cached_ref")
 PARADIGMS = ("masked", "ar")
@@ -171,6 +181,9 @@ class Bench:
         policy = self.adapter.scores(self.batch, self.model)
         self._update(compute_loss(["sigmoid"], None, policy, self.cached_ref).loss)
 
+    def step(self, variant: str) -> None:
+        getattr(self, variant)()
+
 
 def _median_time(fn, n: int) -> list[float]:
     out = []
@@ -184,23 +197,18 @@ def _median_time(fn, n: int) -> list[float]:
 def measure_steps(paradigm: str, size: Size, root: Path, reps: int, steps_per_rep: int, warmup: int,
                   log=print) -> dict[str, Any]:
     bench = Bench(paradigm, size, root)
-    for v in VARIANTS:
-        for _ in range(warmup):
-            getattr(bench, v)()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for rep in range(reps):
-        for i in range(steps_per_rep):
-            # one step per variant per round, in a rotating (and alternately reversed) order: a burst of load from
-            # other jobs lands on every variant alike, and no variant always follows the same one
-            r = rep * steps_per_rep + i
-            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
-            for v in order if r % 2 == 0 else order[::-1]:
-                times[v] += _median_time(getattr(bench, v), 1)
-        now = ", ".join(f"{v} {statistics.median(times[v]):.4f}" for v in VARIANTS)
-        log(f"{paradigm} rep {rep + 1}/{reps}: {now}")
+    warm_up(bench.step, VARIANTS, warmup)
+
+    def progress(r: int, times: dict[str, list[float]]) -> None:
+        if (r + 1) % steps_per_rep == 0:
+            log(f"{paradigm} rep {(r + 1) // steps_per_rep}/{reps}: {format_times(medians(times))}")
+
+    # one step per variant per round, in a rotating (and alternately reversed) order: a burst of load from other
+    # jobs lands on every variant alike, and no variant always follows the same one; steps_per_rep rounds a rep
+    times = time_rounds(bench.step, VARIANTS, reps * steps_per_rep, order=rotating, after_round=progress)
     collate = _median_time(bench.collate, max(3, reps))
-    med = {v: statistics.median(times[v]) for v in VARIANTS}
-    fastest = {v: min(times[v]) for v in VARIANTS}
+    med = medians(times)
+    fast = fastest(times)
 
     def judged(t: dict[str, float]) -> dict[str, float]:
         return {"dpo / (supervised + ref_forward)": t["dpo"] / (t["supervised"] + t["ref_forward"]),
@@ -211,12 +219,12 @@ def measure_steps(paradigm: str, size: Size, root: Path, reps: int, steps_per_re
     # the median of a sum exceeds the sum of medians under such noise, so the ratio of medians is biased against
     # the DPO step (one interval compared with two shorter ones); paired per-round ratios compare intervals of
     # the same total length taken at the same time.
-    rounds = [judged({v: times[v][i] for v in VARIANTS}) for i in range(len(times["dpo"]))]
-    ratios = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    rounds = per_round_ratios(times, judged)
+    ratios = median_of_ratios(rounds)
     targets = {k: 1.05 for k in ratios}
     return {"parameters": bench.params, "frames_per_response": bench.frames, "median_s_per_step": med,
-            "fastest_s_per_step": fastest, "ratios": ratios, "ratios_of_medians": judged(med),
-            "ratios_of_fastest": judged(fastest), "per_round_ratios": rounds, "all_s_per_step": times,
+            "fastest_s_per_step": fast, "ratios": ratios, "ratios_of_medians": judged(med),
+            "ratios_of_fastest": judged(fast), "per_round_ratios": rounds, "all_s_per_step": times,
             "collate_median_s": statistics.median(collate), "targets": targets,
             "pass": {k: ratios[k] <= targets[k] for k in ratios}}
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import pytest
+from conftest import small_train_config
 
 from mm_align.checkpoint import list_checkpoints
 from mm_align.quickstart import run_quickstart
-from mm_align.run_config import TrainConfig
 from mm_align.synthetic import SyntheticAdapter, SyntheticWorld
 from mm_align.trainer import OutputDirNotEmptyError, train
 
@@ -19,22 +20,7 @@ WORLD = SyntheticWorld(seed=1234)
 PAIRS = WORLD.pairs(200, seed=3)
 
 
-def _cfg(tmp_path: Path, **kw) -> TrainConfig:
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        loss=["sigmoid"],
-        beta=0.1,
-        learning_rate=1e-2,
-        lr_scheduler="constant",
-        max_steps=4,
-        batch_size=8,
-        checkpointing_steps=2,
-        log_every=1,
-        report_to=["none"],
-        cache_dir=str(tmp_path / "cache"),
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = partial(small_train_config, max_steps=4, checkpointing_steps=2)  # conftest.py: the shared config
 
 
 def _snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:

@@ -7,11 +7,13 @@ import importlib.metadata
 import json
 import math
 import platform
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import small_train_config
 from safetensors.torch import load_file
 
 import mm_align.checkpoint as checkpoint_mod
@@ -33,22 +35,7 @@ WORLD = SyntheticWorld(seed=1234)
 LN2 = math.log(2)
 
 
-def _cfg(tmp_path: Path, **kw) -> TrainConfig:
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        loss=["sigmoid"],
-        beta=0.1,
-        learning_rate=1e-2,
-        lr_scheduler="constant",
-        max_steps=8,
-        batch_size=8,
-        checkpointing_steps=4,
-        log_every=1,
-        report_to=["none"],
-        cache_dir=str(tmp_path / "cache"),
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = partial(small_train_config, max_steps=8, checkpointing_steps=4)  # conftest.py: the shared config
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
+from conftest import small_train_config
 
 from mm_align.checkpoint import list_checkpoints
 from mm_align.data import PreferencePair, read_preferences
@@ -24,22 +25,7 @@ except ImportError:  # pragma: no cover - the code before the guard
 WORLD = SyntheticWorld(seed=1234)
 
 
-def _cfg(tmp_path: Path, **kw) -> TrainConfig:
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        loss=["sigmoid"],
-        beta=0.1,
-        learning_rate=1e-2,
-        lr_scheduler="constant",
-        max_steps=20,
-        batch_size=8,
-        checkpointing_steps=5,
-        log_every=1,
-        report_to=["none"],
-        cache_dir=str(tmp_path / "cache"),
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = partial(small_train_config, max_steps=20, checkpointing_steps=5)  # conftest.py: the shared config
 
 
 class _PoisonedRecordsAdapter(SyntheticAdapter):
