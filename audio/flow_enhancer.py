@@ -11,8 +11,14 @@ for Generative Modeling", ICLR 2023, eq. 20–23 with σ_min = 0; ALGORITHMS.md 
 where ``y`` is the clean compressed spectrogram, ``c`` the degraded one (concatenated on the channels,
 as FlowSE, Lee et al. 2025, and SGMSE+ condition their networks), ``t ~ U(0, 1)`` (uniform, no shift)
 and ``ε ~ N(0, σ²I)`` with ``σ = 0.5`` by default: SGMSE+'s terminal noise scale σ_max = 0.5 in this
-same compressed domain, about the spread of clean speech values there. (FlowSE itself starts its path
-at the degraded spectrogram plus noise; the DPO form of §7 starts it at pure noise, as here.)
+same compressed domain, about the spread of clean speech values there.
+
+The source ``ε`` is pure noise by default (``source="noise"``, the form of §7). With ``source="condition"``
+it is the degraded spectrogram plus noise, ``ε = c + σ·z`` (FlowSE, Lee et al. 2025, eq. 5: the path
+starts at the noisy observation), and the same formulas hold with that ``ε``: the network then learns
+only the residual from degraded to clean, which a small model on a small budget learns far better than
+the whole spectrogram. :func:`flow_source` makes ``ε`` from ``σ·z`` for either; training, sampling and
+the speech adapter all go through it, so a model's ``source`` is honoured everywhere.
 
 Sampling integrates ``dx/dt = v_θ(x, t, c)`` from ``t = 0`` (``x_0 = σ·ε``) to ``t = 1`` with Euler or
 midpoint steps; the result is decoded by the exact inverse STFT.
@@ -51,6 +57,7 @@ __all__ = [
     "FlowEnhancer",
     "FrameNorm",
     "flow_path",
+    "flow_source",
     "flow_matching_loss",
     "frame_noise",
     "sample_flow",
@@ -65,6 +72,7 @@ __all__ = [
 ]
 
 SAMPLERS = ("euler", "midpoint")
+FLOW_SOURCES = ("noise", "condition")
 USER_MODEL_FILE = "mm_align_speech_model.json"  # a user module saved by the speech adapter: class + init kwargs
 NOISE_BLOCK = 64  # frames per seeded noise block (frame_noise)
 
@@ -150,6 +158,8 @@ class FlowEnhancer(
         sigma: the std of the flow's source noise ε.
         normalize: scale every input by its degraded wave's peak (SGMSE+'s ``normalize="noisy"``); the
             restored wave is scaled back.
+        source: where the path starts: ``"noise"`` (``ε ~ N(0, σ²)``) or ``"condition"`` (``ε ~ N(c, σ²)``,
+            FlowSE); see :func:`flow_source`.
     """
 
     lora_target_modules = ["conv1", "conv2", "emb_proj"]  # peft suffix match: every residual block
@@ -167,6 +177,7 @@ class FlowEnhancer(
         beta: float = 0.15,
         sigma: float = 0.5,
         normalize: bool = True,
+        source: str = "noise",
     ) -> None:
         super().__init__()
         channels = [int(c) for c in channels]
@@ -175,6 +186,9 @@ class FlowEnhancer(
                              f"{num_res_blocks}")
         if sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
+        if source not in FLOW_SOURCES:
+            raise ValueError(f"source must be one of {', '.join(FLOW_SOURCES)}, got {source!r}")
+        self.source = source
         self.stft = CompressedStft(n_fft, hop_length, alpha, beta)
         self.sample_rate, self.sigma, self.normalize = int(sample_rate), float(sigma), bool(normalize)
         self.channels = channels
@@ -281,6 +295,17 @@ def flow_path(y: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torc
     """
     tb = t.reshape(-1, *([1] * (y.dim() - 1))).to(y.dtype)  # (B,) -> (B, 1, ..., 1)
     return (1.0 - tb) * eps + tb * y, y - eps
+
+
+def flow_source(model: nn.Module, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The path's source sample ``ε`` from ``noise = σ·z``: ``noise`` itself, or ``cond + noise`` when the model's
+    ``source`` is ``"condition"`` (FlowSE's start at the degraded observation). Models without ``source``: noise."""
+    source = getattr(model, "source", "noise")
+    if source == "condition":
+        return cond + noise.to(cond)
+    if source != "noise":
+        raise ValueError(f"model.source must be one of {', '.join(FLOW_SOURCES)}, got {source!r}")
+    return noise
 
 
 def flow_matching_loss(model: nn.Module, y: torch.Tensor, cond: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
@@ -467,7 +492,7 @@ def train_supervised(
         c = torch.stack([F.pad(w, (0, width - w.numel())) for w in clean]).to(device)
         cond, y = model.encode(d), model.encode(c)  # (B, 2, F, N)
         t = torch.rand(batch_size, generator=g).to(device)
-        eps = (torch.randn(y.shape, generator=g) * model.sigma).to(device)
+        eps = flow_source(model, cond, (torch.randn(y.shape, generator=g) * model.sigma).to(device))
         mask = _valid_mask(lengths, y.shape[-1], model.num_frames).to(device)
         loss = flow_matching_loss(model, y, cond, eps, t, mask).mean()
         opt.zero_grad(set_to_none=True)
@@ -508,6 +533,7 @@ def _restore_segment(model: nn.Module, wave: torch.Tensor, start_frame: int, ste
     p = next(model.parameters())
     cond = model.encode(wave[None].to(p.device, p.dtype))  # (1, 2, F, N)
     noise = frame_noise(seed, start_frame, cond.shape[-1], cond.shape[2], model.sigma).to(cond)
+    noise = flow_source(model, cond, noise)
     spec = sample_flow(model, cond, noise, steps, method)
     return model.decode(spec, wave.numel())[0].float().cpu()
 

@@ -135,7 +135,9 @@ def load_restorer_any(model_dir: str | Path, steps: int = 8, device: str = "cpu"
     Raises:
         FileNotFoundError: not a model directory.
     """
-    path = Path(model_dir)
+    from mm_align.audio.toyworld.world_models import resolve_restorer
+
+    path = Path(resolve_restorer(str(model_dir)))  # "speech_flow" etc.: the speech world's shipped bases
     if not path.is_dir():
         raise FileNotFoundError(f"--model {model_dir}: no such directory")
     paradigm = paradigm_of(path)
@@ -402,7 +404,9 @@ def generate_speech_pairs(
     if inputs_per_batch < 1:
         raise ValueError(f"inputs_per_batch must be >= 1, got {inputs_per_batch}")
     out = Path(out_dir)
-    model_path = Path(model_dir)
+    from mm_align.audio.toyworld.world_models import resolve_restorer
+
+    model_path = Path(resolve_restorer(str(model_dir)))
     if not model_path.is_dir():
         raise FileNotFoundError(f"--model {model_dir}: no such directory")
     clips, unreadable = _read_inputs(inputs, out, max_inputs)

@@ -58,6 +58,9 @@ def restore_main(argv: list[str]) -> int:
         print("error: mm-align restore speech needs --model DIR (a flow, masked or ar restorer directory)",
               file=sys.stderr)
         return 2
+    from mm_align.audio.toyworld.world_models import resolve_restorer
+
+    ns.model = resolve_restorer(ns.model)  # "speech_flow" etc.: the speech world's shipped bases
     if not Path(ns.model).exists():
         print(f"error: --model {ns.model}: no such directory", file=sys.stderr)
         return 2

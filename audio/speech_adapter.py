@@ -23,7 +23,9 @@ on a representation of the waveform whose LAST dim is time. Either
   frames that ``length`` samples fill, so padding frames are left out of the error).
 
 Optional attributes the adapter reads when present: ``sample_rate`` (Hz), ``sigma`` (the std of the
-flow's source noise the model was trained with), ``normalize`` (scale by the degraded peak),
+flow's source noise the model was trained with), ``source`` (``"condition"``: the path starts at the
+degraded spectrogram plus noise, FlowSE; :func:`~mm_align.audio.flow_enhancer.flow_source`), ``normalize``
+(scale by the degraded peak),
 ``lora_target_modules`` (default LoRA targets), ``save_pretrained(dir)`` / ``from_pretrained(dir)``
 (used for full saves and loads; otherwise the adapter writes ``model.safetensors`` and a
 ``mm_align_speech_model.json`` naming the class and its init kwargs). The score is the flow-matching
@@ -63,7 +65,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from mm_align.audio.flow_enhancer import USER_MODEL_FILE, flow_path, load_speech_model, peak_gain
+from mm_align.audio.flow_enhancer import USER_MODEL_FILE, flow_path, flow_source, load_speech_model, peak_gain
 from mm_align.audio.speech_records import load_pair_waves
 from mm_align.audio.stft import CompressedStft
 from safetensors.torch import save_file
@@ -129,6 +131,9 @@ class FlowSpeechConfig:
     )
 
     def __post_init__(self) -> None:
+        from mm_align.audio.toyworld.world_models import resolve_restorer
+
+        self.pretrained = resolve_restorer(self.pretrained)  # "speech_flow" = the speech world's shipped base
         if self.crop_seconds is not None and self.crop_seconds <= 0:
             raise ValueError(f"crop_seconds must be > 0 or null, got {self.crop_seconds}")
         if self.sigma is not None and self.sigma <= 0:
@@ -197,6 +202,7 @@ class FlowSpeechAdapter:
     def _scoring_settings(self) -> dict[str, Any]:
         rep = self.representation
         return {"sample_rate": self.sample_rate, "sigma": self.sigma, "normalize": self.normalize,
+                "source": getattr(self.model, "source", "noise"),
                 "crop_samples": self.crop_samples, "class": _class_path(self.model),
                 "representation": asdict(rep) if isinstance(rep, CompressedStft) else _class_path(rep)}
 
@@ -254,6 +260,7 @@ class FlowSpeechAdapter:
             g = torch.Generator().manual_seed(seed)
             t = torch.rand((), generator=g)
             eps = torch.randn(specs.shape[1:], generator=g) * self.sigma  # shared by chosen, rejected, reference
+            eps = flow_source(self.model, specs[0], eps)  # + the condition when the model's path starts there
             draws.append((t, eps))
             frames.append(specs.shape[-1])
             valid.append(self._num_frames(pw.length, specs.shape[-1]))

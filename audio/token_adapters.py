@@ -93,6 +93,9 @@ class _TokenSpeechConfig:
     )
 
     def __post_init__(self) -> None:
+        from mm_align.audio.toyworld.world_models import resolve_restorer
+
+        self.pretrained = resolve_restorer(self.pretrained)  # "speech_masked" / "speech_ar" = the world's bases
         _check_common(self)
 
 

@@ -441,7 +441,8 @@ class ARTokenRestorer(_TokenTransformer, PyTorchModelHubMixin, library_name="mm-
         return torch.cat([bos, tokens[:, :, :-1]], dim=2)
 
     def forward(
-        self, tokens: torch.Tensor, cond: torch.Tensor, frame_mask: torch.Tensor | None = None
+        self, tokens: torch.Tensor, cond: torch.Tensor, frame_mask: torch.Tensor | None = None,
+        inputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Teacher-forced logits ``(B, Q, N, K)``: ``logits[:, :, n]`` is ``p(tokens[:, :, n] | frames < n, cond)``.
 
@@ -449,9 +450,12 @@ class ARTokenRestorer(_TokenTransformer, PyTorchModelHubMixin, library_name="mm-
             tokens: ``(B, Q, N)`` clean codes.
             cond: ``(B, D, N)`` codec latents of the degraded input.
             frame_mask: ``(B, N)``, True on real frames; None = all real.
+            inputs: ``(B, Q, N)`` the past frames the model is fed, when they differ from ``tokens`` (training
+                with corrupted history, :func:`ar_training_loss`); None = ``tokens``.
         """
         self._check(tokens, cond)
-        x = self.embed_tokens(self._previous(tokens)) + self.embed_condition(cond, frame_mask)
+        fed = tokens if inputs is None else inputs
+        x = self.embed_tokens(self._previous(fed)) + self.embed_condition(cond, frame_mask)
         return self.trunk(x, frame_mask)
 
     @property
@@ -557,9 +561,22 @@ def masked_training_loss(
 
 
 def ar_training_loss(model: ARTokenRestorer, codes: torch.Tensor, cond: torch.Tensor,
-                     frame_mask: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced next-frame cross-entropy over every real frame and codebook."""
-    logp, n = multi_codebook_logps(model(codes, cond, frame_mask), codes, frame_mask, shift=False)
+                     frame_mask: torch.Tensor, history_noise: float = 0.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Teacher-forced next-frame cross-entropy over every real frame and codebook.
+
+    ``history_noise = p`` replaces each token of the FED history by a uniform random id with probability
+    ``p`` (the targets stay clean): codec frames 16 ms apart are so alike that a model fed clean history
+    learns to copy the previous frame and ignore the degraded input, then drifts once it is fed its own
+    samples (exposure bias, Bengio et al. 2015); corrupted history makes it read the condition. 0 = plain
+    teacher forcing.
+    """
+    inputs = None
+    if history_noise > 0:
+        u = torch.rand(codes.shape, generator=generator).to(codes.device)
+        rand = torch.randint(model.config.codebook_size, codes.shape, generator=generator).to(codes.device)
+        inputs = torch.where(u < history_noise, rand, codes)
+    logp, n = multi_codebook_logps(model(codes, cond, frame_mask, inputs), codes, frame_mask, shift=False)
     return -logp.sum() / n.sum()
 
 
@@ -573,6 +590,7 @@ def train_restorer(
     crop_seconds: float = 1.0,
     lr: float = 1e-3,
     seed: int = 0,
+    history_noise: float = 0.0,
 ) -> list[float]:
     """Supervised training of a restorer on (degraded, clean) utterance pairs; returns every step's loss.
 
@@ -585,6 +603,7 @@ def train_restorer(
         codec: the codec whose tokens the model predicts.
         degraded: ``(T_i,)`` degraded waves at ``codec.sample_rate``.
         clean: ``(T_i,)`` clean waves, time-aligned with ``degraded``.
+        history_noise: the AR model's corrupted-history rate (:func:`ar_training_loss`); ignored when masked.
     """
     if len(degraded) != len(clean) or not clean:
         raise ValueError(f"train_restorer needs as many degraded as clean waves (> 0), got {len(degraded)}, "
@@ -614,7 +633,7 @@ def train_restorer(
         if isinstance(model, MaskedTokenRestorer):
             loss = masked_training_loss(model, codes_t, cond_t, mask_t, g)
         else:
-            loss = ar_training_loss(model, codes_t, cond_t, mask_t)
+            loss = ar_training_loss(model, codes_t, cond_t, mask_t, history_noise, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -168,6 +168,18 @@ def test_one_shared_t_and_eps_per_pair(world):
     assert not torch.equal(adapter.collate(records[1:2], [99])["eps"][0], alone["eps"][0])
 
 
+def test_a_condition_source_model_starts_each_pair_at_its_degraded_input(world, tmp_path):
+    torch.manual_seed(0)
+    FlowEnhancer(channels=(4, 8), norm_groups=2, source="condition").save_pretrained(tmp_path / "m")
+    records = read_speech_pairs(world / "pairs.jsonl").records[:2]
+    noise_batch = _adapter(world).collate(records, [11, 12])
+    adapter = FlowSpeechAdapter.from_config({"pretrained": str(tmp_path / "m"), "crop_seconds": 0.25})
+    adapter.base_dir = world
+    batch = adapter.collate(records, [11, 12])
+    torch.testing.assert_close(batch["eps"], noise_batch["eps"] + batch["cond"])  # ε = c + σ·z, same z
+    assert adapter._scoring_settings()["source"] == "condition"
+
+
 def test_policy_and_reference_passes_see_the_same_draws(world, tmp_path):
     adapter = _adapter(world)
     calls = []

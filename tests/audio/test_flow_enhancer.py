@@ -232,3 +232,28 @@ def test_restore_main_file_and_folder(tmp_path, capsys):
     assert load_audio(tmp_path / "one.wav")[0].numel() == 5000
     with pytest.raises(FileNotFoundError, match="not a speech model directory"):
         restore_main(["--model", str(tmp_path / "in"), str(tmp_path / "in"), str(tmp_path / "x")])
+
+
+# ---- the path's source (FlowSE's start at the condition) ----------------------------------------
+def test_flow_source_noise_and_condition():
+    cond = torch.randn(2, 2, 9, 5, generator=torch.Generator().manual_seed(1))
+    noise = 0.5 * torch.randn(2, 2, 9, 5, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(fe.flow_source(_tiny(), cond, noise), noise)
+    assert torch.equal(fe.flow_source(_tiny(source="condition"), cond, noise), cond + noise)
+    assert torch.equal(fe.flow_source(nn.Identity(), cond, noise), noise)  # a user model without `source`
+    with pytest.raises(ValueError, match="source"):
+        FlowEnhancer(channels=(4,), norm_groups=2, source="clean")
+
+
+def test_condition_source_round_trips_and_starts_sampling_at_the_degraded_input(tmp_path):
+    model = _tiny(source="condition")
+    model.save_pretrained(tmp_path / "m")
+    assert FlowEnhancer.from_pretrained(tmp_path / "m").source == "condition"
+    for p in model.parameters():  # a zero velocity field: the sample is where the path starts
+        p.data.zero_()
+    degraded, _ = _clip(0, 4096, torch.Generator().manual_seed(0))
+    cond = model.encode(degraded[None] * peak_gain(degraded))
+    noise = frame_noise(7, 0, cond.shape[-1], cond.shape[2], model.sigma)
+    out = restore(model, degraded, SR, steps=2, seed=7, chunk_seconds=None)
+    expected = model.decode(cond + noise, degraded.numel())[0] / peak_gain(degraded)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)

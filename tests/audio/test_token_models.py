@@ -20,6 +20,7 @@ from mm_align.audio.token_models import (
     ARTokenRestorer,
     MaskedRestorerConfig,
     MaskedTokenRestorer,
+    ar_training_loss,
     cosine_mask,
     exact_overlap_seconds,
     load_restorer,
@@ -307,3 +308,19 @@ def test_restore_file_and_main_load_any_paradigm(codec: SpeechCodec, trained, tm
     assert restore_main([str(tmp_path / "masked"), str(tmp_path / "in"), str(tmp_path / "out"), "--steps", "2",
                          "--greedy"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.wav", "b.wav"]
+
+
+def test_ar_history_noise_corrupts_the_fed_history_not_the_targets(codec: SpeechCodec) -> None:
+    model = _ar()
+    codes = codec.encode(CLEAN[0][None])  # (1, Q, N)
+    cond = codec.features(DEGRADED[0][None])
+    mask = torch.ones(1, codes.shape[-1], dtype=torch.bool)
+    clean_loss = ar_training_loss(model, codes, cond, mask)
+    assert ar_training_loss(model, codes, cond, mask, 0.0, torch.Generator().manual_seed(0)) == clean_loss
+    noisy = ar_training_loss(model, codes, cond, mask, 0.5, torch.Generator().manual_seed(0))
+    again = ar_training_loss(model, codes, cond, mask, 0.5, torch.Generator().manual_seed(0))
+    assert noisy != clean_loss and noisy == again  # seeded
+    fed = torch.randint(K, codes.shape, generator=torch.Generator().manual_seed(1))
+    logits = model(codes, cond, mask, inputs=fed)
+    ref = model.trunk(model.embed_tokens(model._previous(fed)) + model.embed_condition(cond, mask), mask)
+    torch.testing.assert_close(logits, ref)
