@@ -36,11 +36,13 @@ MODALITY_COMMANDS: dict[tuple[str, str], str] = {
     ("convert", "speech"): "mm_align.audio.converters:convert_main",
     ("generate", "speech"): "mm_align.audio.generate:generate_main",
     ("restore", "speech"): "mm_align.audio.restore:restore_main",
+    ("bench", "speech"): "mm_align.audio.bench:bench_main",
 }
 
 # `mm-align quickstart --world W` -> "module:function(output_dir, steps=...) -> report path"
 QUICKSTARTS: dict[str, str] = {
     "shapes": "mm_align.image.quickstart:run_shapes_quickstart",
+    "speech": "mm_align.audio.quickstart:run_speech_quickstart",
     "synthetic": "mm_align.quickstart:run_quickstart",
 }
 
