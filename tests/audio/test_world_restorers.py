@@ -64,7 +64,8 @@ def test_training_script_runs_and_saves_loadable_models(tmp_path, monkeypatch):
     utts = read_split("train", limit=3)
     pairs = [degrade(u, 1) for u in utts]
     monkeypatch.setattr(trainer, "read_split", lambda split, limit=None: utts)
-    small = {k: trainer.Recipe(**{**trainer.asdict(r), "steps": 2, "batch_size": 2}) for k, r in trainer.RECIPES.items()}
+    small = {k: trainer.Recipe(**{**trainer.asdict(r), "steps": 2, "batch_size": 2})
+             for k, r in trainer.RECIPES.items()}
     monkeypatch.setattr(trainer, "RECIPES", small)
     log = trainer.train_flow(pairs, tmp_path / "flow")
     log.update(trainer.train_tokens(pairs, tmp_path / "masked", tmp_path / "ar"))
