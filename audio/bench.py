@@ -49,7 +49,7 @@ from typing import Any
 
 from mm_align.audio.bench_report import ExampleClip, ExamplePlayer, metric_label, write_speech_report
 from mm_align.audio.datasets import SpeechClip as InputClip
-from mm_align.audio.datasets import read_speech_set
+from mm_align.audio.datasets import check_set_supports, read_speech_set
 from mm_align.audio.generate import load_restorer_any, sample_seed
 from mm_align.audio.io import AudioError, load_audio, save_audio
 from mm_align.audio.metric_suite import MetricSuite, SpeechClip
@@ -227,16 +227,6 @@ def default_metrics(clips: Sequence[InputClip], asr: str | Path | None) -> tuple
     return specs, left_out
 
 
-def _check_inputs(clips: list[InputClip], metrics: list[SpeechMetric]) -> None:
-    needs = (("needs_reference", "clean", "the clean reference"), ("needs_text", "text", "a transcript"))
-    for need, attr, what in needs:
-        names = [m.name for m in metrics if getattr(m, need)]
-        lacking = [c.id for c in clips if not getattr(c, attr)]
-        if names and lacking:
-            raise ValueError(f"metric(s) {', '.join(names)} need {what}; {len(lacking)} of {len(clips)} inputs have "
-                             f"none (e.g. {lacking[0]!r}): drop those metrics or use a set that has it")
-
-
 def _config(config: SpeechBenchConfig | None, overrides: dict[str, Any]) -> SpeechBenchConfig:
     valid = [f.name for f in fields(SpeechBenchConfig)]
     unknown = sorted(set(overrides) - set(valid))
@@ -330,7 +320,7 @@ def bench_speech(
     built = build_metrics(list(metrics))
     names = [m.name for m in built]
     directions = {m.name: "higher" if m.higher_is_better else "lower" for m in built}
-    _check_inputs(clips, built)
+    check_set_supports(clips, built)
     suite_options: dict[str, Any] = {"on_bad": "raise", "progress": cfg.progress}
     if cfg.num_workers is not None:
         suite_options["num_workers"] = cfg.num_workers

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SpeechClip", "SkippedClip", "SpeechSetResult", "SPEECH_SET_FORMATS", "VOICEBANK_SPLITS", "DNS_SUBSETS",
     "detect_speech_format", "read_speech_set", "read_voicebank", "read_dns", "read_speech_manifest",
+    "check_set_supports",
 ]
 
 SPEECH_SET_FORMATS = ("voicebank", "dns", "manifest")
@@ -404,3 +406,15 @@ def read_speech_set(path: str | Path, format: str = "auto", strict: bool = False
     if not Path(path).exists():
         raise DataError(f"{path}: no such file or directory")
     return readers[format](path, strict=strict)
+
+
+def check_set_supports(clips: Sequence[SpeechClip], metrics: Sequence[Any]) -> None:
+    """Raise ValueError when a metric needs what some clips lack: the clean reference (``needs_reference``) or a
+    transcript (``needs_text``); the message names the metrics, how many clips lack it and the first one."""
+    needs = (("needs_reference", "clean", "the clean reference"), ("needs_text", "text", "a transcript"))
+    for need, attr, what in needs:
+        names = [m.name for m in metrics if getattr(m, need)]
+        lacking = [c.id for c in clips if not getattr(c, attr)]
+        if names and lacking:
+            raise ValueError(f"metric(s) {', '.join(names)} need {what}; {len(lacking)} of {len(clips)} inputs have "
+                             f"none (e.g. {lacking[0]!r}): drop those metrics or use a set that has it")

@@ -52,7 +52,7 @@ from typing import Any, Literal
 
 import torch
 from mm_align.audio.datasets import SpeechClip as InputClip
-from mm_align.audio.datasets import read_speech_set
+from mm_align.audio.datasets import check_set_supports, read_speech_set
 from mm_align.audio.io import AudioError, load_audio, save_audio
 from mm_align.audio.metric_suite import MetricSuite, SuiteConfig
 from mm_align.audio.metric_suite import SpeechClip as ScoredClip
@@ -323,13 +323,7 @@ def _read_inputs(inputs: str | Path | Sequence[InputClip], out_dir: Path,
 def _check_inputs(clips: list[InputClip], metrics: list[SpeechMetric]) -> None:
     if not clips:
         raise ValueError("no degraded inputs to restore")
-    needs = (("needs_reference", "clean", "the clean reference"), ("needs_text", "text", "a transcript"))
-    for need, attr, what in needs:
-        names = [m.name for m in metrics if getattr(m, need)]
-        lacking = [c.id for c in clips if not getattr(c, attr)]
-        if names and lacking:
-            raise ValueError(f"metric(s) {', '.join(names)} need {what}; {len(lacking)} of {len(clips)} inputs have "
-                             f"none (e.g. {lacking[0]!r}): drop those metrics or use a set that has it")
+    check_set_supports(clips, metrics)
 
 
 def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:

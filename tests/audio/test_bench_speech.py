@@ -13,44 +13,22 @@ import torch
 from mm_align.audio import bench as bench_module
 from mm_align.audio.bench import bench_main, bench_speech, default_metrics, parse_model, results_markdown
 from mm_align.audio.bench_report import spectrogram_db, spectrogram_png
-from mm_align.audio.codec import CodecConfig, SpeechCodec
 from mm_align.audio.datasets import SpeechClip
-from mm_align.audio.flow_enhancer import FlowEnhancer
 from mm_align.audio.io import AudioError, save_audio
 from mm_align.audio.token_models import MaskedRestorerConfig, MaskedTokenRestorer, save_restorer
 
 from .speech_signals import add_white_noise, speech_like
+from .tiny_restorers import TOKEN_SHAPE, tiny_codec, write_tiny_restorers
 
 SR = 16000
 CHEAP = ["si_sdr", "lsd", "estoi"]
-SHAPE = dict(num_quantizers=2, codebook_size=16, cond_dim=16, dim=32, depth=1, heads=2, attn_window=4)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+SHAPE = TOKEN_SHAPE
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Tiny untrained restorers whose outputs the suite can score (about −31 dBFS: not silent, not clipped)."""
-    root = tmp_path_factory.mktemp("bench_models")
-    torch.manual_seed(0)
-    flow = FlowEnhancer(channels=(4, 8), norm_groups=2, sigma=0.1)
-    with torch.no_grad():  # a small velocity: the sample stays near its (small) initial noise
-        flow.conv_out.weight.mul_(0.1)
-        flow.conv_out.bias.mul_(0.1)
-    flow.save_pretrained(root / "flow")
-    codec = SpeechCodec(CodecConfig(n_fft=256, hop_length=128, hidden=16, latent_dim=16, num_quantizers=2,
-                                    codebook_size=16))
-    with torch.no_grad():
-        codec.decoder[-1].weight.mul_(3.0)  # compressed magnitudes ×3: about −31 dBFS
-        codec.decoder[-1].bias.mul_(3.0)
-    save_restorer(MaskedTokenRestorer(MaskedRestorerConfig(**SHAPE)), codec, root / "masked")
-    return root
+    return write_tiny_restorers(tmp_path_factory.mktemp("bench_models"))
 
 
 def _write_set(root, n: int = 3, seconds: float = 0.75):
@@ -169,8 +147,7 @@ def test_a_silent_degraded_input_is_an_error_naming_the_file(models, manifest, t
 
 def test_a_silent_restoration_is_an_error_naming_the_file(models, manifest, tmp_path):
     """An untrained codec at its own scale decodes to about −64 dBFS: silent, an error naming the restored file."""
-    codec = SpeechCodec(CodecConfig(n_fft=256, hop_length=128, hidden=16, latent_dim=16, num_quantizers=2,
-                                    codebook_size=16))
+    codec = tiny_codec()
     torch.manual_seed(0)
     save_restorer(MaskedTokenRestorer(MaskedRestorerConfig(**SHAPE)), codec, tmp_path / "quiet")
     with pytest.raises(AudioError, match=r"audio/quiet/spk_u0-[0-9a-f]{8}\.wav: silent"):

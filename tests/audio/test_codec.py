@@ -17,15 +17,6 @@ SR = 16000
 TINY = dict(n_fft=256, hop_length=128, hidden=32, latent_dim=16, num_quantizers=2, codebook_size=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small run far faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _utterance(seed: int, seconds: float = 0.5) -> torch.Tensor:
     """Three tones with random pitches under a slow amplitude envelope: codes that change over time."""
     g = torch.Generator().manual_seed(seed)

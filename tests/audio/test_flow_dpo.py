@@ -135,15 +135,6 @@ class _Recorder(nn.Module):
         return self.inner(x_t, t, cond)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run as fast on one thread, and a shared machine's other jobs do not stall its OpenMP spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- the batch -----------------------------------------------------------------------------------
 def test_one_shared_t_and_eps_per_pair(world):
     adapter = _adapter(world)

@@ -43,15 +43,6 @@ def _tiny(seed: int = 0, **kw) -> FlowEnhancer:
     return FlowEnhancer(**{"channels": (4, 8), "norm_groups": 2, **kw}).eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run as fast on one thread, and a shared machine's other jobs do not stall its OpenMP spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- the representation ------------------------------------------------------------------------
 @pytest.mark.parametrize("length", [8000, 8001, 4000 + 77])
 def test_stft_round_trip_is_exact(length):

@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from mm_align.audio import generate as gen
-from mm_align.audio.codec import CodecConfig, SpeechCodec
 from mm_align.audio.datasets import SpeechClip
-from mm_align.audio.flow_enhancer import FlowEnhancer
 from mm_align.audio.generate import (
     decide_pairs,
     generate_main,
@@ -27,17 +25,11 @@ from mm_align.audio.metrics import build_metrics
 from mm_align.audio.speech_records import read_speech_pairs
 from mm_align.audio.token_models import MaskedRestorerConfig, MaskedTokenRestorer, save_restorer
 
+from .tiny_restorers import TOKEN_SHAPE, write_tiny_restorers
+
 SR = 16000
 CHEAP = ["si_sdr", "lsd", "estoi"]
-SHAPE = dict(num_quantizers=2, codebook_size=16, cond_dim=16, dim=32, depth=1, heads=2, attn_window=4)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+SHAPE = TOKEN_SHAPE
 
 
 def _clean(n: int = SR, f0: float = 150.0) -> torch.Tensor:
@@ -138,22 +130,13 @@ def test_sample_seeds_are_stable_and_distinct():
 # ---- end to end -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Tiny untrained restorers whose outputs the suite can score (about −30 dBFS, not clipped, not silent)."""
+    """Tiny untrained restorers whose outputs the suite can score, and ``masked_quiet`` (about −64 dBFS: silent)."""
     root = tmp_path_factory.mktemp("speech_models")
-    torch.manual_seed(0)
-    flow = FlowEnhancer(channels=(4, 8), norm_groups=2, sigma=0.1)
-    with torch.no_grad():  # a small velocity: the sample stays near its (small) initial noise
-        flow.conv_out.weight.mul_(0.1)
-        flow.conv_out.bias.mul_(0.1)
-    flow.save_pretrained(root / "flow")
-    codec = SpeechCodec(CodecConfig(n_fft=256, hop_length=128, hidden=16, latent_dim=16, num_quantizers=2,
-                                    codebook_size=16))
-    save_restorer(MaskedTokenRestorer(MaskedRestorerConfig(**SHAPE)), codec, root / "masked_quiet")  # −64 dBFS
-    with torch.no_grad():
-        codec.decoder[-1].weight.mul_(3.0)  # compressed magnitudes ×3: about −31 dBFS
-        codec.decoder[-1].bias.mul_(3.0)
-    save_restorer(MaskedTokenRestorer(MaskedRestorerConfig(**SHAPE)), codec, root / "masked")
-    return root
+
+    def quiet(codec):  # the same restorer over the unscaled codec
+        save_restorer(MaskedTokenRestorer(MaskedRestorerConfig(**SHAPE)), codec, root / "masked_quiet")
+
+    return write_tiny_restorers(root, before_scaling=quiet)
 
 
 @pytest.fixture

@@ -7,18 +7,11 @@ import json
 import math
 
 import pytest
-import torch
 from mm_align.audio.quickstart import SpeechQuickstart, run_speech_quickstart
 
 from mm_align.recipes import QUICKSTARTS, load_object
 
-
-@pytest.fixture(autouse=True)
-def _two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, threads))
-    yield
-    torch.set_num_threads(threads)
+TORCH_THREADS = 2  # the shipped speech-world models (tests/audio/conftest.py)
 
 
 def test_speech_quickstart_runs_the_three_stages(tmp_path):

@@ -45,15 +45,6 @@ SPECS = {"speech_masked": "mm_align.audio.token_adapters:MaskedTokenSpeechAdapte
          "speech_ar": "mm_align.audio.token_adapters:ARSpeechAdapter"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small run far faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(autouse=True)
 def _registered(monkeypatch: pytest.MonkeyPatch) -> None:
     """The names the lead registers in mm_align.recipes.ADAPTERS."""

@@ -37,15 +37,6 @@ Q, K, D = 2, 16, 16
 SHAPE = dict(num_quantizers=Q, codebook_size=K, cond_dim=D, dim=32, depth=2, heads=2, attn_window=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small run far faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _utterance(seed: int, seconds: float = 1.0) -> torch.Tensor:
     """Three tones with random pitches under a slow amplitude envelope."""
     g = torch.Generator().manual_seed(seed)

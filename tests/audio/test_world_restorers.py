@@ -18,12 +18,7 @@ from mm_align.audio.toyworld.world_models import WORLD_RESTORERS, resolve_restor
 PARADIGMS = ("flow", "masked", "ar")
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, threads))
-    yield
-    torch.set_num_threads(threads)
+TORCH_THREADS = 2  # the shipped speech-world models (tests/audio/conftest.py)
 
 
 def test_names_resolve_to_the_shipped_directories(tmp_path, monkeypatch):
