@@ -34,6 +34,7 @@ from mm_align.audio.io import load_audio
 from PIL import Image
 
 from mm_align.atomic import atomic_write_text
+from mm_align.report import BENCH_PAGE_CSS
 
 __all__ = ["ExamplePlayer", "ExampleClip", "METRIC_LABELS", "metric_label", "spectrogram_db", "spectrogram_png",
            "difference_chart_svg", "write_speech_report"]
@@ -46,13 +47,7 @@ METRIC_LABELS = {
 
 _IMPROVED, _WORSE, _NEUTRAL = "#2e7d32", "#c62828", "#616161"
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px 32px;color:#1d1d1f;line-height:1.4}
-h1{font-size:1.7em;margin:0 0 .2em}h2{font-size:1.25em;margin:1.6em 0 .5em;border-bottom:1px solid #ddd;
-padding-bottom:.2em}.sub{color:#666;margin:0 0 1em}
-table{border-collapse:collapse;font-size:.9em;margin:.3em 0 1em}td,th{border:1px solid #ddd;padding:.3em .7em}
-th{background:#f5f5f7;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
-td.up{background:#e3f4e1}td.down{background:#fbe4e1}.settings th{width:9em}
+_CSS = BENCH_PAGE_CSS + """.settings th{width:9em}
 .charts{display:flex;flex-wrap:wrap;gap:8px}.charts svg{border:1px solid #eee;background:#fff}
 .legend{font-size:.85em;color:#555}
 .clip{border:1px solid #e3e3e6;border-radius:6px;padding:8px 10px;margin:0 0 12px;background:#fafafa}

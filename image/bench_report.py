@@ -23,16 +23,11 @@ from mm_align.image.image_io import png_bytes
 from PIL import Image
 
 from mm_align.atomic import atomic_write_text
+from mm_align.report import BENCH_PAGE_CSS
 
 __all__ = ["write_bench_report", "sampler_text", "win_rate_chart"]
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px 32px;color:#1d1d1f;line-height:1.4}
-h1{font-size:1.7em;margin:0 0 .2em}h2{font-size:1.25em;margin:1.6em 0 .5em;border-bottom:1px solid #ddd;
-padding-bottom:.2em}.sub{color:#666;margin:0 0 1em}
-table{border-collapse:collapse;font-size:.9em;margin:.3em 0 1em}td,th{border:1px solid #ddd;padding:.3em .7em}
-th{background:#f5f5f7;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
-td.up{background:#e3f4e1}td.down{background:#fbe4e1}
+_CSS = BENCH_PAGE_CSS + """
 .settings th{width:11em}.tables{display:flex;flex-wrap:wrap;gap:0 2em}
 .chart img{max-width:100%;height:auto}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(var(--card),1fr));gap:10px}

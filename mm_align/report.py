@@ -26,7 +26,7 @@ from mm_align.metrics_log import read_metrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReportSection", "plot_curves", "plot_series", "write_report", "PANELS"]
+__all__ = ["ReportSection", "plot_curves", "plot_series", "write_report", "PANELS", "BENCH_PAGE_CSS"]
 
 # (title, keys); a key ending in "/" means every key with that prefix. A metric is drawn in the
 # first panel that claims it; the numeric keys no panel claims go to "Other".
@@ -161,6 +161,16 @@ def _matching(all_keys: Sequence[str], patterns: Sequence[str], taken: set[str])
 def _fmt(v: float | int) -> str:
     return str(v) if isinstance(v, int) else f"{v:.5g}"
 
+
+# The base style of every modality's bench page (headings, tables, improved / worse cells); each adds its own.
+BENCH_PAGE_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px 32px;color:#1d1d1f;line-height:1.4}
+h1{font-size:1.7em;margin:0 0 .2em}h2{font-size:1.25em;margin:1.6em 0 .5em;border-bottom:1px solid #ddd;
+padding-bottom:.2em}.sub{color:#666;margin:0 0 1em}
+table{border-collapse:collapse;font-size:.9em;margin:.3em 0 1em}td,th{border:1px solid #ddd;padding:.3em .7em}
+th{background:#f5f5f7;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
+td.up{background:#e3f4e1}td.down{background:#fbe4e1}
+"""
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em 2.5em;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
