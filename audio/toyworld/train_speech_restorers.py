@@ -47,13 +47,13 @@ from mm_align.audio.token_models import (
 )
 from mm_align.audio.toyworld.asr_weights import WEIGHTS_DIR
 from mm_align.audio.toyworld.speech_world import degrade, read_split
-from mm_align.audio.toyworld.world_models import restorer_dir
+from mm_align.audio.toyworld.world_models import WORLD_RESTORERS, restorer_dir
 
 __all__ = ["TRAIN_VERSIONS", "Recipe", "RECIPES", "MODEL_DIRS", "training_pairs", "train_flow",
            "train_tokens", "evaluate_dev", "main"]
 
 TRAIN_VERSIONS = 4
-MODEL_DIRS = {"flow": "speech_flow", "masked": "speech_masked", "ar": "speech_ar"}
+MODEL_DIRS = {paradigm: name for name, paradigm in WORLD_RESTORERS.items()}  # paradigm -> directory name
 
 
 @dataclass(frozen=True)
