@@ -1,0 +1,1 @@
+"""The shapes VLM world: the embedded default for vision-language models."""
