@@ -59,15 +59,29 @@ def bench_metrics() -> list[str]:
 
 
 def _train(paradigm: str, pairs: Path, out: Path) -> Path:
+    """DPO on ``pairs``; skipped when ``out`` already holds the model trained from the same pairs and settings.
+
+    Training does not depend on the bench split, so the dev pilots and the test run share it (like the samples):
+    the stamp holds the pairs file's hash and every setting, and a model is reused only when all of them match.
+    """
+    import hashlib
+
     from mm_align.audio.toyworld.world_models import restorer_dir
 
+    from mm_align.atomic import atomic_write_json
     from mm_align.orchestration import load_run_config, run_training
 
+    stamp = {"pairs_sha256": hashlib.sha256(pairs.read_bytes()).hexdigest(), "base": str(restorer_dir(paradigm)),
+             "recipe": f"speech_{paradigm}_dpo", "seed": SEED, "dpo": DPO[paradigm]}
+    stamp_path = out / "trained_from.json"
+    if (out / "final").is_dir() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        return out / "final"
     overrides = [f"model.pretrained={restorer_dir(paradigm)}", f"data.train={pairs}", f"train.output_dir={out}",
                  f"train.seed={SEED}", "train.overwrite_output_dir=true", "train.report_to=[none]"]
     overrides += [f"{k}={v}" for k, v in DPO[paradigm].items()]
     overrides.append(f"train.checkpointing_steps={DPO[paradigm]['train.max_steps']}")
     run_training(load_run_config(f"speech_{paradigm}_dpo", overrides), log=lambda *a, **k: None)
+    atomic_write_json(stamp_path, stamp)
     return out / "final"
 
 
@@ -92,9 +106,10 @@ def run_paradigm(paradigm: str, split: str, work: Path, train_inputs: int = TRAI
     timing["generate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    models = {"base": base,
-              "multi_metric_dpo": str(_train(paradigm, gen_dir / "pairs_multi.jsonl", root / "dpo_multi")),
-              "single_metric_dpo": str(_train(paradigm, gen_dir / "pairs_single.jsonl", root / "dpo_single"))}
+    models = {"base": base,  # trained once per paradigm: shared by the dev pilots and the test run
+              "multi_metric_dpo": str(_train(paradigm, gen_dir / "pairs_multi.jsonl", work / paradigm / "dpo_multi")),
+              "single_metric_dpo": str(_train(paradigm, gen_dir / "pairs_single.jsonl",
+                                              work / paradigm / "dpo_single"))}
     timing["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
