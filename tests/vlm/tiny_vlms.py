@@ -182,3 +182,53 @@ def make_tiny_qwen2vl(path: str | Path, min_pixels: int = 8 * 8, max_pixels: int
 
 # family name -> builder, for tests parametrised over every tiny family
 TINY_VLM_BUILDERS = {"llava": make_tiny_llava, "qwen2vl": make_tiny_qwen2vl}
+
+
+# ---- tiny preference data ----------------------------------------------------------------------------------
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 40)}
+
+
+def draw_shape(path: str | Path, colour: str, shape: str = "circle", size: tuple[int, int] = (32, 32)) -> Path:
+    """A PNG of one ``colour`` ``shape`` (circle or square) on a white background, written to ``path``."""
+    from PIL import Image, ImageDraw
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGB", size, (255, 255, 255))
+    w, h = size
+    box = (w // 5, h // 5, w - w // 5, h - h // 5)
+    draw = ImageDraw.Draw(im)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    im.save(path)
+    return path
+
+
+def write_pairs(root: str | Path, n: int = 8, size: tuple[int, int] = (32, 32)) -> Path:
+    """``root/pairs.jsonl``: ``n`` VLM preference pairs over images in ``root/images`` (paths relative to the file).
+
+    Every third pair is a two-image question (a string prompt with ``<image>`` marks, LLaVA style); the others are
+    TRL-style chat prompts with one image. Chosen = the true colour, rejected = another colour.
+    """
+    import json
+
+    root = Path(root)
+    names = list(COLOURS)
+    rows = []
+    for i in range(n):
+        colour, other = names[i % len(names)], names[(i + 1) % len(names)]
+        first = draw_shape(root / "images" / f"{i}_a.png", colour, "circle" if i % 2 else "square", size)
+        if i % 3 == 2:
+            second = draw_shape(root / "images" / f"{i}_b.png", other, "circle", size)
+            rows.append({"id": f"p{i}", "prompt": "Image1: <image>\nImage2: <image>\nWhat colour is Image1?",
+                         "chosen": colour, "rejected": other,
+                         "images": [str(first.relative_to(root)), str(second.relative_to(root))]})
+        else:
+            prompt = [{"role": "user", "content": [{"type": "image"},
+                                                   {"type": "text", "text": "What colour is the shape?"}]}]
+            rows.append({"id": f"p{i}", "prompt": prompt,
+                         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": colour}]}],
+                         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": f"{other} shape"}]}],
+                         "images": [str(first.relative_to(root))]})
+    path = root / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
