@@ -25,6 +25,7 @@ ADAPTERS: dict[str, str] = {
     "speech_flow": "mm_align.audio.speech_adapter:FlowSpeechAdapter",
     "speech_masked": "mm_align.audio.token_adapters:MaskedTokenSpeechAdapter",
     "speech_ar": "mm_align.audio.token_adapters:ARSpeechAdapter",
+    "vlm": "mm_align.vlm.vlm_adapter:VLMAdapter",
 }
 
 # (command, modality) -> "module:function(argv) -> exit code". Absent = not implemented yet.
