@@ -28,7 +28,6 @@ second, and ``add_time_ids`` = (original size, crop top-left, target size) of ea
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -38,10 +37,11 @@ from typing import Any, Literal
 import torch
 from mm_align.image.image_io import image_to_tensor, load_image
 from mm_align.image.loading import quiet_loading
+from mm_align.image.pair_rewards import batch_rewards, dataset_reward_range, record_rewards, reward_keys
 from torch import nn
 
 from mm_align.config import from_dict, option
-from mm_align.data import PreferencePair, UnpairedSample
+from mm_align.data import UnpairedSample
 from mm_align.fingerprint import pretrained_fingerprint
 from mm_align.scores import denoising_error
 from mm_align.types import Scores
@@ -157,37 +157,19 @@ class StableDiffusionAdapter:
         (ALGORITHMS.md §1, SmPO weight); the same range is applied to eval records. The trainer calls
         this on the main process first, so other processes find the latent cache already written.
         """
-        rewards = [self._rewards(r) for r in records if isinstance(r, PreferencePair)]
-        present = [r for r in rewards if r is not None]
-        if present:
-            if len(present) != len(rewards):
-                raise ValueError(
-                    f"{len(rewards) - len(present)} of {len(rewards)} pairs carry no reward scores "
-                    f"({' / '.join(self._reward_keys())}): give every pair rewards, or none"
-                )
-            flat = [v for pair in present for v in pair]
-            self.reward_range = (min(flat), max(flat))
+        reward_range = dataset_reward_range(records, self._reward_keys())
+        if reward_range is not None:
+            self.reward_range = reward_range
         if self.config.precompute:
             from mm_align.image.latent_cache import LatentCache
 
             self.latent_cache = LatentCache.load_or_build(self, records)
 
     def _reward_keys(self) -> tuple[str, str]:
-        keys = self.config.reward_keys or ["reward_chosen", "reward_rejected"]
-        return keys[0], keys[1]
+        return reward_keys(self.config.reward_keys)
 
     def _rewards(self, record: Any) -> tuple[float, float] | None:
-        kc, kr = self._reward_keys()
-        meta = getattr(record, "meta", {}) or {}
-        if kc not in meta or kr not in meta or meta[kc] is None or meta[kr] is None:
-            return None
-        try:
-            w, l = float(meta[kc]), float(meta[kr])
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"record {record.id!r}: rewards {kc}/{kr} are not numbers: {exc}") from exc
-        if not (math.isfinite(w) and math.isfinite(l)):
-            raise ValueError(f"record {record.id!r}: non-finite reward ({kc}={w}, {kr}={l})")
-        return w, l
+        return record_rewards(record, self._reward_keys())
 
     # ---- batches --------------------------------------------------------------------------
     def _pixels(self, value: Any, record: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -257,16 +239,7 @@ class StableDiffusionAdapter:
         return batch
 
     def _normalised_rewards(self, rewards: list[Any], records: list[Any]) -> dict[str, torch.Tensor]:
-        if any(x is None for x in rewards):
-            missing = next(r.id for r, x in zip(records, rewards) if x is None)
-            raise ValueError(f"record {missing!r} carries no reward scores but others in its batch do")
-        low, high = getattr(self, "reward_range", None) or (None, None)
-        if low is None:
-            raise ValueError("reward scores found but the adapter was not prepared on the training set (prepare)")
-        span = (high - low) or 1.0
-        w = torch.tensor([(x[0] - low) / span for x in rewards], dtype=torch.float32)
-        l = torch.tensor([(x[1] - low) / span for x in rewards], dtype=torch.float32)
-        return {"reward_chosen": w, "reward_rejected": l}
+        return batch_rewards(records, self._reward_keys(), getattr(self, "reward_range", None))
 
     @torch.no_grad()
     def _encode(self, batch: dict[str, torch.Tensor]) -> None:

@@ -107,7 +107,8 @@ class LatentCache:
             save_file(tensors, str(tmp / f"chunk-{c:05d}.safetensors"))
         bar.close()
         atomic_write_json(tmp / "manifest.json", {"records": len(records), "chunk": CHUNK, "text_pairs": text_pairs})
-        for module in (adapter.vae, adapter.text_encoder, adapter.text_encoder_2):  # not needed while training
+        frozen = (adapter.vae, adapter.text_encoder, adapter.text_encoder_2, getattr(adapter, "text_encoder_3", None))
+        for module in frozen:  # not needed while training
             if module is not None:
                 module.to("cpu")
         if path.exists():  # another process finished first
@@ -125,12 +126,16 @@ class LatentCache:
             pixels = [adapter._pixels(v, r) for v, r in zip(values, records)]
             mean, std = adapter.encode_images(torch.stack([p for p, _ in pixels]).to(device))
             out[f"mean_{side}"], out[f"std_{side}"] = mean, std
-            if adapter.is_sdxl:
+            if getattr(adapter, "is_sdxl", False):
                 out[f"time_ids_{side}"] = torch.tensor([t for _, t in pixels], dtype=torch.float32)
         prompts = {"c": [r.prompt if isinstance(r.prompt, str) else str(r.prompt) for r in records]}
         if text_pairs:
             prompts["r"] = [adapter.rejected_prompt(r) or p for r, p in zip(records, prompts["c"])]
         for side, texts in prompts.items():
+            if hasattr(adapter, "encode_prompts"):  # an adapter that tokenises and encodes itself (flow models)
+                enc = adapter.encode_prompts(texts, device)
+                out[f"text_{side}"], out[f"pooled_{side}"] = enc["_text"], enc["_pooled"]
+                continue
             ids = adapter.tokenizer(texts, padding="max_length", max_length=adapter.tokenizer.model_max_length,
                                     truncation=True, return_tensors="pt").input_ids.to(device)
             ids2 = None
@@ -152,7 +157,8 @@ class LatentCache:
 
     def lookup(self, records: Sequence[Any], sides: int, text_pairs: bool) -> dict[str, torch.Tensor]:
         """The batch entries ``_lat_mean``, ``_lat_std`` (sides·B rows, ``[chosen ; rejected]``), ``_text``
-        (B rows, or 2B for text-preference pairs) and for SDXL ``_pooled`` and ``time_ids``."""
+        (B rows, or 2B for text-preference pairs), ``_pooled`` when the text encoders pool (SDXL, SD3, FLUX) and
+        SDXL's ``time_ids``."""
         idx = []
         for r in records:
             i = self.index.get(_record_key(r))
@@ -170,8 +176,10 @@ class LatentCache:
 
         batch = {"_lat_mean": stack("mean", side_names), "_lat_std": stack("std", side_names),
                  "_text": stack("text", text_sides)}
-        if f"pooled_{text_sides[0]}" in self._names():
+        names = self._names()
+        if f"pooled_{text_sides[0]}" in names:
             batch["_pooled"] = stack("pooled", text_sides)
+        if f"time_ids_{side_names[0]}" in names:  # SDXL's micro-conditioning
             batch["time_ids"] = stack("time_ids", side_names)
         return batch
 

@@ -22,6 +22,8 @@ ADAPTERS: dict[str, str] = {
     "synthetic": "mm_align.synthetic:SyntheticAdapter",
     "sd": "mm_align.image.diffusion_adapter:StableDiffusionAdapter",
     "sd_self_npo": "mm_align.image.self_npo:SelfNPOAdapter",
+    "sd3": "mm_align.image.flow_adapter:SD3Adapter",
+    "flux": "mm_align.image.flow_adapter:FluxAdapter",
     "speech_flow": "mm_align.audio.speech_adapter:FlowSpeechAdapter",
     "speech_masked": "mm_align.audio.token_adapters:MaskedTokenSpeechAdapter",
     "speech_ar": "mm_align.audio.token_adapters:ARSpeechAdapter",
