@@ -4,7 +4,9 @@ Every image has its own seed (a ``torch.Generator`` per image), so an image depe
 prompt, its seed and the weights — not on the batch it was drawn in — and a base and an aligned
 model sampled with the same seeds differ only by what alignment changed. Samplers: DDIM (η = 0) by
 default; classifier-free guidance, or negative-preference guidance when an NPO LoRA is given
-(:func:`mm_align.image.npo_guidance.npo_guided_sample`: with no NPO LoRA it IS plain CFG).
+(:func:`mm_align.image.npo_guidance.npo_guided_sample`: with no NPO LoRA it IS plain CFG). Rectified-flow
+pipelines (SD3-, FLUX-type: a ``transformer``, no ``unet``) keep their own scheduler and are sampled by
+:mod:`mm_align.image.flow_sampling`.
 """
 
 from __future__ import annotations
@@ -81,16 +83,18 @@ def _load_lora(pipe: Any, path: str, adapter_name: str) -> None:
     The pipeline-level ``load_lora_weights`` also tries each text encoder and warns that no keys matched
     when there are none for it, which is every LoRA this suite trains.
     """
+    from mm_align.image.flow_sampling import is_flow_pipeline
     from safetensors import safe_open
 
+    denoiser = "transformer" if is_flow_pipeline(pipe) else "unet"
     weights = Path(path) / "pytorch_lora_weights.safetensors" if Path(path).is_dir() else Path(path)
     unet_only = False
     if weights.suffix == ".safetensors" and weights.is_file():
         with safe_open(str(weights), framework="pt") as fh:
-            unet_only = all(k.startswith("unet.") for k in fh.keys())
+            unet_only = all(k.startswith(f"{denoiser}.") for k in fh.keys())
     if unet_only:
-        pipe.unet.load_lora_adapter(str(weights.parent), weight_name=weights.name, prefix="unet",
-                                    adapter_name=adapter_name)
+        getattr(pipe, denoiser).load_lora_adapter(str(weights.parent), weight_name=weights.name, prefix=denoiser,
+                                                  adapter_name=adapter_name)
     else:
         pipe.load_lora_weights(path, adapter_name=adapter_name)
 
@@ -113,7 +117,12 @@ def load_pipeline(pretrained: str, lora: str | None = None, npo_lora: str | None
 
     with quiet_loading():
         pipe = DiffusionPipeline.from_pretrained(pretrained, dtype=getattr(torch, cfg.dtype))
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        from mm_align.image.flow_sampling import check_flow_lora_slots, is_flow_pipeline
+
+        if is_flow_pipeline(pipe):  # SD3/FLUX: their own flow-matching Euler scheduler
+            check_flow_lora_slots(pipe, npo_lora, cond_lora)
+        else:
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         if lora:
             _load_lora(pipe, lora, "aligned")
             pipe.fuse_lora(adapter_names=["aligned"])
@@ -144,6 +153,10 @@ def sample_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: 
     cfg = cfg or SamplerConfig()
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    from mm_align.image.flow_sampling import is_flow_pipeline, sample_flow_images
+
+    if is_flow_pipeline(pipe):
+        return sample_flow_images(pipe, prompts, seeds, cfg, progress)
     side = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     guided = has_lora(pipe.unet)  # an NPO or conditional-branch LoRA: the two-branch sampler
     out: list[Image.Image] = []
