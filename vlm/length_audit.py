@@ -129,6 +129,13 @@ def _too_long(length: Length, max_length: int) -> str:
     return where
 
 
+def _check_settings(policy: str, resize_step: float) -> None:
+    if policy not in AUDIT_POLICIES:
+        raise ValueError(f"unknown length-audit policy {policy!r}; valid: {', '.join(AUDIT_POLICIES)}")
+    if not 0.0 < resize_step < 1.0:
+        raise ValueError(f"resize_step must be in (0, 1), got {resize_step}")
+
+
 def fit_record(
     record: Any,
     measure: Measure,
@@ -156,10 +163,7 @@ def fit_record(
         ``(length, row)``: its length as it will be scored, and None when it fits unchanged, or the
         :class:`AuditRow` saying it was resized (``row.max_image_pixels`` is the budget) or dropped.
     """
-    if policy not in AUDIT_POLICIES:
-        raise ValueError(f"unknown length-audit policy {policy!r}; valid: {', '.join(AUDIT_POLICIES)}")
-    if not 0.0 < resize_step < 1.0:
-        raise ValueError(f"resize_step must be in (0, 1), got {resize_step}")
+    _check_settings(policy, resize_step)
     first = measure(record, start_pixels)
     if first.total <= max_length:
         return first, None
@@ -215,6 +219,7 @@ def audit_records(
     Returns:
         The :class:`LengthAudit`: the kept records and one row per resized or dropped record.
     """
+    _check_settings(policy, resize_step)
     audit = LengthAudit(kept=[], max_length=max_length, n_records=len(records))
     for i, record in enumerate(records):
         _, row = fit_record(record, measure, max_length, policy, min_image_pixels, resize_step, index=i,

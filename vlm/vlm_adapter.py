@@ -33,6 +33,7 @@ fine-tuned, the model and processor (``save_pretrained``).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -42,7 +43,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from accelerate.logging import get_logger
 from mm_align.vlm.length_audit import AUDIT_POLICIES, MAX_PIXELS_KEY, Length, LengthAudit, audit_records, fit_record
 from mm_align.vlm.vlm_loading import load_vlm
 from mm_align.vlm.vlm_records import VLMExample, load_image, vlm_example
@@ -56,7 +56,7 @@ from mm_align.lora import ADAPTER_NAME, lora_state_dict
 from mm_align.scores import sequence_logps
 from mm_align.types import Scores
 
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 __all__ = ["VLMAdapterConfig", "VLMAdapter", "VLM_FORMATS", "LM_PROJECTIONS", "render_prompt_answer",
            "language_model_name", "vision_tower_names", "default_lora_targets"]
@@ -192,6 +192,15 @@ def _fit_pixels(image: Any, max_pixels: int | None) -> Any:
     from PIL import Image
 
     return image.resize((w, h), Image.Resampling.BICUBIC)
+
+
+def _log(level: int, message: str) -> None:
+    """Log on the main process only (every process audits its data; one report is enough)."""
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state and not PartialState().is_main_process:
+        return
+    logger.log(level, message)
 
 
 @dataclass
@@ -342,10 +351,7 @@ class VLMAdapter:
         audit = audit_records(records, self.measure, self.max_length, self.config.audit,
                               self.config.min_image_pixels, self.config.resize_step)
         self.length_audit = audit
-        if audit.rows:
-            logger.warning(audit.table(), main_process_only=True)
-        else:
-            logger.info(audit.summary(), main_process_only=True)
+        _log(logging.WARNING if audit.rows else logging.INFO, audit.table())
         return audit.kept
 
     def collate(self, records: list[Any], seeds: list[int]) -> dict[str, Any]:
@@ -378,8 +384,7 @@ class VLMAdapter:
                                     "(VLMAdapter.prepare) drops such records before training, and nothing is "
                                     "ever truncated. Audit the data first, raise model.max_length or lower "
                                     "model.max_image_pixels.")
-                logger.warning(f"{records[i].origin or f'batch position {i}'}: {row.why} (fitted at collate)",
-                               main_process_only=True)
+                _log(logging.WARNING, f"{records[i].origin or f'batch position {i}'}: {row.why} (fitted at collate)")
                 per_record[i] = self._rows(records[i], row.max_image_pixels)[0]
             batch = self._batch(per_record)
         if unpaired:
