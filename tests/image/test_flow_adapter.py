@@ -291,3 +291,32 @@ def test_mm_align_train_cli_with_the_registered_name(tmp_path, model_dir, image_
     assert resolved["adapter"] == family and resolved["model"]["flow"]["weighting_scheme"] == "mode"
     assert _metrics(type("R", (), {"output_dir": run})())[0]["loss"] == pytest.approx(LN2, abs=1e-6)
     assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+# recipe -> (adapter, loss, β, pretrained); β as documented in each file (flow β is not the UNet's 5000)
+FLOW_RECIPES = {
+    "sd3_diffusion_dpo": ("sd3", "diffusion_dpo", 100, "stabilityai/stable-diffusion-3.5-medium"),
+    "sd3_tdpo": ("sd3", "diffusion_dpo", 100, "stabilityai/stable-diffusion-3.5-medium"),
+    "sd3_mapo": ("sd3", "mapo", 0.1, "stabilityai/stable-diffusion-3.5-medium"),
+    "flux_diffusion_dpo": ("flux", "diffusion_dpo", 2000, "black-forest-labs/FLUX.1-dev"),
+}
+
+
+def test_shipped_flow_recipes_validate():
+    """Every shipped sd3_/flux_ recipe parses into a RunConfig whose model section the flow config accepts."""
+    from mm_align.config import from_dict, load_config
+    from mm_align.losses import get_loss
+    from mm_align.recipes import ADAPTERS, load_object, shipped_configs
+    from mm_align.run_config import RunConfig
+
+    recipes = {k: v for k, v in shipped_configs().items() if k.startswith(("sd3_", "flux_"))}
+    assert set(FLOW_RECIPES) <= set(recipes)
+    for name, path in recipes.items():
+        cfg = load_config(RunConfig, path)
+        assert get_loss(cfg.train.loss[0]) and load_object(ADAPTERS[cfg.adapter]).Config is FlowModelConfig
+        model = from_dict(FlowModelConfig, cfg.model, path="model")
+        if name in FLOW_RECIPES:
+            adapter, loss, beta, pretrained = FLOW_RECIPES[name]
+            assert (cfg.adapter, cfg.train.loss, cfg.train.beta, model.pretrained) == (adapter, [loss], beta,
+                                                                                      pretrained), name
+        assert model.resolution == 1024 and model.flow.weighting_scheme == "logit_normal", name
