@@ -23,7 +23,8 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["WORDS", "make_tiny_llava", "make_tiny_qwen2vl", "TINY_VLM_BUILDERS"]
+__all__ = ["WORDS", "make_tiny_llava", "make_tiny_qwen2vl", "make_tiny_qwen25vl", "TINY_VLM_BUILDERS", "draw_shape",
+           "write_pairs"]
 
 WORDS: tuple[str, ...] = tuple(
     """a an the is are it this that there what which how many where who of in on at to and or not no yes
@@ -180,8 +181,55 @@ def make_tiny_qwen2vl(path: str | Path, min_pixels: int = 8 * 8, max_pixels: int
     return path
 
 
+def make_tiny_qwen25vl(path: str | Path, min_pixels: int = 8 * 8, max_pixels: int = 32 * 32) -> Path:
+    """A tiny Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration`` + ``Qwen2_5_VLProcessor``) saved to ``path``: the
+    Qwen2-VL tokenizer, template and image processor (patch 4, merge 2), a 2-block windowed vision tower (window
+    16 px, block 1 full attention) and a 2-layer M-RoPE LM.
+
+    Args:
+        path: the directory to write (created).
+        min_pixels / max_pixels: the image processor's pixel budget per image (as :func:`make_tiny_qwen2vl`).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    path = Path(path)
+    tokenizer = _word_tokenizer(QWEN_SPECIALS, "<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.padding_side = "right"
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 512, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                         "mrope_section": [2, 1, 1]},
+                     "bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 32,
+                       "num_heads": 4, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "window_size": 16, "fullatt_block_indexes": [1]},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    kw = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels, max_pixels=max_pixels)
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tokenizer,
+                                    video_processor=Qwen2VLVideoProcessor(**kw), chat_template=QWEN2VL_CHAT_TEMPLATE)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 # family name -> builder, for tests parametrised over every tiny family
-TINY_VLM_BUILDERS = {"llava": make_tiny_llava, "qwen2vl": make_tiny_qwen2vl}
+TINY_VLM_BUILDERS = {"llava": make_tiny_llava, "qwen2vl": make_tiny_qwen2vl, "qwen25vl": make_tiny_qwen25vl}
 
 
 # ---- tiny preference data ----------------------------------------------------------------------------------
