@@ -347,7 +347,12 @@ def train(
     prepare = getattr(adapter, "prepare", None)
     if prepare is not None:
         with accelerator.main_process_first():
-            prepare(list(records))
+            kept = prepare(list(records))
+        if kept is not None:  # the adapter filtered or rewrote the set (e.g. a length audit); same on every process
+            records = list(kept)
+            if not records:
+                raise ValueError(f"no training records left after {type(adapter).__name__}.prepare() "
+                                 "(it dropped every one: see its report)")
     model = adapter.model
     reference_model: nn.Module | None = None
     if cfg.finetune == "lora":

@@ -106,7 +106,9 @@ class PreferenceAdapter(Protocol):
 
     Optional hooks (see :data:`OPTIONAL_HOOKS`); the trainer calls them when an adapter has them:
         ``prepare(records)``: once per training set before the first step, on the main process
-            first (dataset-level work: reward normalisation, precomputed latents).
+            first (dataset-level work: reward normalisation, precomputed latents). It may return the
+            records to train on instead (a filtered or rewritten list, e.g. a length audit that drops
+            or resizes samples; deterministic, so every process gets the same list); None keeps them.
         ``after_optimizer_step(model)``: after every optimiser step that was taken (e.g. an EMA teacher).
         ``state_dict() -> dict[str, Tensor]`` / ``load_state_dict(state)``: adapter state that a
             checkpoint must hold for an exact resume (e.g. EMA weights); saved as ``adapter_state.safetensors``.

@@ -425,3 +425,28 @@ def test_wrong_loss_kind_is_rejected(tmp_path):
     with pytest.raises(ValueError, match=r"loss 'diffusion_dpo' needs 'error' scores; adapter gives 'logp'"):
         train(SyntheticAdapter(), WORLD.pairs(50, seed=16), _cfg(tmp_path, loss=["diffusion_dpo"]))
     assert not (tmp_path / "run").exists()  # rejected before anything is written
+
+
+class _FilteringAdapter(SyntheticAdapter):
+    """``prepare`` keeps every other record (as a length audit drops samples); collate records what it sees."""
+
+    def __init__(self, drop_all: bool = False) -> None:
+        super().__init__()
+        self.drop_all, self.seen = drop_all, []
+
+    def prepare(self, records):
+        return [] if self.drop_all else records[::2]
+
+    def collate(self, records, seeds):
+        self.seen.extend(id(r) for r in records)
+        return super().collate(records, seeds)
+
+
+def test_records_returned_by_prepare_are_the_ones_trained_on(tmp_path):
+    pairs = WORLD.pairs(32, seed=5)
+    adapter = _FilteringAdapter()
+    train(adapter, pairs, _cfg(tmp_path, max_steps=4, checkpointing_steps=4))
+    kept = {id(r) for r in pairs[::2]}
+    assert adapter.seen and set(adapter.seen) <= kept  # a dropped record never reaches collate
+    with pytest.raises(ValueError, match=r"no training records left after _FilteringAdapter.prepare\(\)"):
+        train(_FilteringAdapter(drop_all=True), pairs, _cfg(tmp_path / "none", max_steps=2, checkpointing_steps=2))
