@@ -264,6 +264,12 @@ def test_guidance_value_and_family_errors(tmp_path, model_dir, image_dir):
         strong_adapter = _adapter(model_dir, guidance=7.0)
         strong = strong_adapter.scores(dict(batch), strong_adapter.model)
     assert strong_adapter.guidance == 7.0 and not torch.allclose(default.chosen, strong.chosen)
+    # the reference-cache key follows every scoring setting: guidance and the σ density
+    from mm_align.image.flow_matching import FlowMatchingConfig
+
+    base_key = _adapter(model_dir).fingerprint()
+    assert base_key == _adapter(model_dir).fingerprint() != strong_adapter.fingerprint()
+    assert _adapter(model_dir, flow=FlowMatchingConfig(logit_mean=0.5)).fingerprint() != base_key
 
 
 def test_a_unet_pipeline_is_refused_naming_the_file(tmp_path):
@@ -279,7 +285,7 @@ def test_mm_align_train_cli_with_the_registered_name(tmp_path, model_dir, image_
     data = image_dir / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = {"adapter": family, "model": {"pretrained": str(model_dir), "resolution": 16, "max_sequence_length": SEQ,
-                                        "flow": {"weighting_scheme": "mode"}},
+                                        "flow": {"weighting_scheme": "mode"}, "gradient_checkpointing": True},
            "data": {"train": str(data)},
            "train": {"output_dir": str(tmp_path / "run"), "loss": ["diffusion_dpo"], "max_steps": 2, "batch_size": 2,
                      "beta": 500, "report_to": ["none"], "log_every": 1}}

@@ -139,3 +139,14 @@ def test_flux_refuses_the_two_branch_lora_slots(flux, tmp_path):
     fused = sample_images(load_pipeline(str(flux), lora=str(lora), cfg=FAST), PROMPTS, [1, 2], FAST)
     base = sample_images(load_pipeline(str(flux), cfg=FAST), PROMPTS, [1, 2], FAST)
     assert not np.array_equal(np.asarray(fused[0]), np.asarray(base[0]))  # a FLUX LoRA is used fused
+
+
+def test_generate_image_takes_an_sd3_model(sd3, tmp_path):
+    """mm-align generate image's code path, unchanged: sampled, scored by the shapes oracle, paired, written."""
+    from mm_align.image.generate import generate
+    from mm_align.image.toyworld.shapes import ShapesOracle, split_specs
+
+    prompts = [s.prompt for s in split_specs("train")[:2]]
+    result = generate(str(sd3), prompts, tmp_path / "gen", [ShapesOracle()], samples_per_prompt=2, sampler=FAST)
+    assert result.samples == 4 and (tmp_path / "gen" / "pairs.parquet").is_file()
+    assert len(list((tmp_path / "gen" / "samples").glob("*.png"))) == 4
