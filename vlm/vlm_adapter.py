@@ -33,6 +33,7 @@ fine-tuned, the model and processor (``save_pretrained``).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -229,14 +230,18 @@ class VLMAdapter:
         self.tokenizer = self.processor.tokenizer
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        if getattr(self.processor, "chat_template", None) is None and getattr(self.tokenizer, "chat_template",
-                                                                             None) is None:
-            raise ValueError(f"{config.pretrained}: the processor has no chat template; save one with the processor")
+        if getattr(self.processor, "chat_template", None) is None:
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise ValueError(f"{config.pretrained}: neither the processor nor its tokenizer has a chat template; "
+                                 "save one with the processor (processor.chat_template = ...; save_pretrained)")
+            self.processor.chat_template = self.tokenizer.chat_template  # older repos keep it on the tokenizer only
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.image_token_id = getattr(self.processor, "image_token_id", None)
         if self.image_token_id is None:
             self.image_token_id = getattr(self.model.config, "image_token_id", None)
         self.dtype = next(self.model.parameters()).dtype
+        # compute only the logits the answers need, where the model's forward can (transformers' logits_to_keep)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.vision_towers = vision_tower_names(self.model)
         if config.freeze_vision_tower:
             if not self.vision_towers:
@@ -269,8 +274,8 @@ class VLMAdapter:
         """The record's rows: ``[chosen, rejected]`` (paired; the rejected one under ``rejected_images`` for an
         image-side rejection) or ``[completion]`` (unpaired); every image loaded and fitted to the pixel budget."""
         ex = vlm_example(record)
-        budget = min(p for p in (self.config.max_image_pixels, max_pixels) if p is not None) if (
-            self.config.max_image_pixels is not None or max_pixels is not None) else None
+        budgets = [p for p in (self.config.max_image_pixels, max_pixels) if p is not None]
+        budget = min(budgets) if budgets else None
 
         def load(values: list[Any]) -> list[Any]:
             return [_fit_pixels(load_image(v, self.base_dir, ex.origin), budget) for v in values]
@@ -345,8 +350,8 @@ class VLMAdapter:
         ``meta["max_image_pixels"]``) or dropped; the table of both is logged and kept in :attr:`length_audit`.
 
         Returns:
-            The records to train on (dropped ones left out). The trainer trains on this list when it honours
-            ``prepare``'s return value; a dropped record that still reaches :meth:`collate` is an error naming it.
+            The records to train on (dropped ones left out): the trainer trains on this list, so a dropped record
+            never reaches :meth:`collate` (which would refuse it by name).
         """
         audit = audit_records(records, self.measure, self.max_length, self.config.audit,
                               self.config.min_image_pixels, self.config.resize_step)
@@ -407,9 +412,12 @@ class VLMAdapter:
         """
         inputs = {k: (v.to(self.dtype) if torch.is_floating_point(v) else v) for k, v in batch["inputs"].items()}
         ids, mask = inputs["input_ids"], batch["response_mask"]  # (N, T)
-        first = int(mask.float().argmax(1).min())  # the batch's earliest answer token
-        keep = ids.shape[1] - first + 1  # logits of positions first-1 .. T-1
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (N, keep, V)
+        keep = ids.shape[1]
+        kwargs: dict[str, Any] = {}
+        if self._keeps_logits:
+            first = int(mask.float().argmax(1).min())  # the batch's earliest answer token
+            keep = kwargs["logits_to_keep"] = ids.shape[1] - first + 1  # logits of positions first-1 .. T-1
+        logits = model(**inputs, use_cache=False, **kwargs).logits  # (N, keep, V)
         logp, n = sequence_logps(logits, ids[:, -keep:], mask[:, -keep:], shift=True)  # (N,), (N,)
         if "desirable" in batch:
             return Scores("logp", logp, desirable=batch["desirable"], n_tokens_chosen=n)

@@ -128,12 +128,9 @@ def test_fit_record_rules() -> None:
         audit_records([], measure, 5, resize_step=1.0)
 
 
-@pytest.mark.xfail(strict=True, raises=DataError, reason=(
-    "mm_align/trainer.py calls prepare(list(records)) and ignores its return value, so a record the audit drops "
-    "still reaches collate (which refuses it by name). The lead's fix: `kept = prepare(list(records)); "
-    "records = kept if kept is not None else records` before `n = len(records)`."))
 def test_a_dropped_record_never_reaches_collate(world: dict[str, Path], tmp_path: Path) -> None:
-    """Through run_training: the audit drops the long record, training runs on the rest and no batch holds it."""
+    """Through run_training: the audit (prepare) drops the long record, the trainer trains on the list prepare
+    returns, and no batch ever holds the dropped record."""
     import json
 
     root = world["root"]
