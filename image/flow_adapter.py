@@ -56,7 +56,7 @@ from mm_align.data import UnpairedSample
 from mm_align.fingerprint import pretrained_fingerprint
 from mm_align.types import Scores
 
-__all__ = ["FlowModelConfig", "FlowMatchingAdapter", "SD3Adapter", "FluxAdapter", "flow_family",
+__all__ = ["FlowModelConfig", "FlowMatchingAdapter", "SD3Adapter", "FluxAdapter", "flow_family", "model_index",
            "FLOW_LORA_TARGETS"]
 
 Family = Literal["sd3", "flux"]
@@ -69,29 +69,36 @@ _T5_LENGTH: dict[Family, int] = {"sd3": 256, "flux": 512}  # the pipelines' max_
 FLUX_TRAIN_GUIDANCE = 3.5  # --guidance_scale of diffusers' train_dreambooth_lora_flux.py (FLUX.1-dev's default)
 
 
-def flow_family(src: str, revision: str | None = None) -> Family:
-    """``"sd3"`` or ``"flux"``: the family of the diffusers pipeline at ``src``, by its transformer's class.
+def model_index(src: str, revision: str | None = None) -> tuple[dict[str, Any], str]:
+    """The ``model_index.json`` of the diffusers pipeline at ``src`` (a directory, or a hub id in the local hub
+    cache) and where it was read.
 
     Raises:
-        ValueError: ``model_index.json`` names no SD3- or FLUX-type transformer (the message names what it holds).
+        ValueError: the file is not valid JSON (the message names it).
     """
     from diffusers import DiffusionPipeline
 
     index_file = Path(src) / "model_index.json"
     if index_file.is_file():
         try:
-            index = json.loads(index_file.read_text())
+            return json.loads(index_file.read_text()), str(index_file)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{index_file}: not valid JSON: {exc}") from exc
-    else:
-        kw = {"revision": revision} if revision else {}
-        index = DiffusionPipeline.load_config(src, **kw)  # a hub id: its model_index.json (local hub cache)
-        index_file = Path(f"{src}/model_index.json")
+    kw = {"revision": revision} if revision else {}
+    return DiffusionPipeline.load_config(src, **kw), f"{src}/model_index.json"
+
+
+def flow_family(index: dict[str, Any], where: str) -> Family:
+    """``"sd3"`` or ``"flux"``: the family of a pipeline by its transformer's class in ``model_index.json``.
+
+    Raises:
+        ValueError: the index names no SD3- or FLUX-type transformer (the message names ``where`` and what it holds).
+    """
     entry = index.get("transformer")
     name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
     if name not in _FAMILIES:
         raise ValueError(
-            f"{index_file}: transformer is {name or 'absent'} (pipeline {index.get('_class_name')}); the flow "
+            f"{where}: transformer is {name or 'absent'} (pipeline {index.get('_class_name')}); the flow "
             f"adapters load {' or '.join(_FAMILIES)} pipelines (SD1.5/SDXL UNets: adapter 'sd')"
         )
     return _FAMILIES[name]
@@ -157,7 +164,8 @@ class FlowMatchingAdapter:
         from mm_align.image.toyworld.shapes import resolve_model
 
         src = resolve_model(config.pretrained)
-        self.family: Family = flow_family(src, config.revision)
+        self.index, where = model_index(src, config.revision)
+        self.family: Family = flow_family(self.index, where)
         if self.expected_family is not None and self.family != self.expected_family:
             raise ValueError(
                 f"model.pretrained {config.pretrained!r} is a {self.family.upper()}-type pipeline but the adapter is "
@@ -196,7 +204,8 @@ class FlowMatchingAdapter:
         if sd3:
             self.text_encoder_2 = encoder(CLIPTextModelWithProjection, "text_encoder_2")
             self.tokenizer_2 = AutoTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw)
-            if self._has_component(src, "text_encoder_3"):
+            entry = self.index.get("text_encoder_3")  # SD3 may ship without T5 ([null, null])
+            if isinstance(entry, (list, tuple)) and entry and entry[0] is not None:
                 self.text_encoder_3 = encoder(T5EncoderModel, "text_encoder_3")
                 self.tokenizer_3 = AutoTokenizer.from_pretrained(src, subfolder="tokenizer_3", **kw)
         else:
@@ -227,14 +236,6 @@ class FlowMatchingAdapter:
             modules={"transformer": self.model, "vae": self.vae, "text_encoder": self.text_encoder,
                      "text_encoder_2": self.text_encoder_2, "text_encoder_3": self.text_encoder_3},
         )
-
-    @staticmethod
-    def _has_component(src: str, name: str) -> bool:
-        index_file = Path(src) / "model_index.json"
-        if index_file.is_file():
-            entry = json.loads(index_file.read_text()).get(name)
-            return isinstance(entry, (list, tuple)) and entry[0] is not None
-        return True  # a hub id: a missing folder is an error from from_pretrained
 
     @classmethod
     def from_config(cls, data: dict[str, Any]) -> FlowMatchingAdapter:
