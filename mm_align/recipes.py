@@ -87,7 +87,7 @@ def build_adapter(name: str, model_config: dict[str, Any]) -> Any:
 def shipped_configs() -> dict[str, Path]:
     """Configs shipped with the package, by name (file stem)."""
     found: dict[str, Path] = {}
-    for package in ("mm_align", "mm_align.image", "mm_align.video", "mm_align.audio"):
+    for package in ("mm_align", "mm_align.image", "mm_align.video", "mm_align.audio", "mm_align.vlm"):
         root = resources.files(package) / "configs"
         if root.is_dir():
             found.update({Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")})

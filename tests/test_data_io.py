@@ -276,3 +276,16 @@ def test_bad_kind_is_a_value_error(tmp_path):
     path = write_preferences(PAIRS, tmp_path / "d.jsonl")
     with pytest.raises(ValueError, match="kind"):
         read_preferences(path, kind="ranked")
+
+
+def test_an_input_side_pair_with_the_same_answer_is_not_a_tie(tmp_path):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "<image> colour?", "chosen": "red", "rejected": "red", "images": ["a.png"],
+         "rejected_images": ["b.png"]},
+        {"prompt": "<image> colour?", "chosen": "red", "rejected": "red", "images": ["a.png"]},
+        {"prompt": "<image> colour?", "chosen": "red", "rejected": "red", "rejected_images": []},
+    ]) + "\n")
+    res = read_preferences(p)
+    assert [r.meta["rejected_images"] for r in res.records] == [["b.png"]]
+    assert [s.reason for s in res.skipped] == ["tie: chosen and rejected are identical"] * 2

@@ -341,7 +341,8 @@ def row_to_record(
             return "empty chosen"
         if is_empty(rejected):
             return "empty rejected"
-        if _identical(chosen, rejected):
+        input_side = any(not is_empty(row.get(c)) for c in columns.rejected_inputs if row.get(c) is not None)
+        if _identical(chosen, rejected) and not input_side:
             return "tie: chosen and rejected are identical"
         return PreferencePair(prompt, chosen, rejected, rid, meta)
     completion = row[columns.completion]

@@ -127,3 +127,7 @@ class ColumnMap:
     completion: str = "completion"
     label: str = "label"
     id: str = "id"
+    # Columns that give the rejected sample an input of its own (an input-side rejection: another image, prompt,
+    # clip or recording). A pair holding one differs in its input, so identical chosen and rejected outputs are
+    # the point of it, not a tie.
+    rejected_inputs: tuple[str, ...] = ("rejected_images", "rejected_prompt", "rejected_video", "rejected_audio")
