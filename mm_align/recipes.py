@@ -40,6 +40,7 @@ MODALITY_COMMANDS: dict[tuple[str, str], str] = {
     ("generate", "speech"): "mm_align.audio.generate:generate_main",
     ("restore", "speech"): "mm_align.audio.restore:restore_main",
     ("bench", "speech"): "mm_align.audio.bench:bench_main",
+    ("bench", "vlm"): "mm_align.vlm.bench:bench_main",
 }
 
 # `mm-align quickstart --world W` -> "module:function(output_dir, steps=...) -> report path"

@@ -34,10 +34,11 @@ PACKAGE_DIRS: dict[str, str] = {
     "mm_align.image": "image",
     "mm_align.video": "video",
     "mm_align.audio": "audio",
+    "mm_align.vlm": "vlm",
 }
 """Top-level package name -> directory (relative to the repository root); the pyproject mapping."""
 
-MODALITIES = ("mm_align.image", "mm_align.video", "mm_align.audio")
+MODALITIES = ("mm_align.image", "mm_align.video", "mm_align.audio", "mm_align.vlm")
 RECIPE_LAYER = ("mm_align.cli", "mm_align.recipes")
 
 
