@@ -61,13 +61,16 @@ def parse_variant(text: str) -> Variant:
 
 
 def _draw(model: str, variant: Variant, prompts: list[str], seeds: list[int], sampler: Any,
-          progress: Any = None) -> list[Image.Image]:
+          progress: Any = None) -> tuple[list[Image.Image], str]:
+    """The variant's images, and the name of the scheduler that drew them (as the report states it)."""
+    from mm_align.image.flow_sampling import is_flow_pipeline
     from mm_align.image.sampling import load_pipeline, sample_images
 
     pipe = load_pipeline(model, lora=variant.path if variant.kind == "lora" else None,
                          npo_lora=variant.path if variant.kind == "npo" else None, cfg=sampler,
                          cond_lora=variant.path if variant.kind == "lora_cond" else None)
-    return sample_images(pipe, prompts, seeds, sampler, progress=progress)
+    scheduler = "flow-matching Euler" if is_flow_pipeline(pipe) else "DDIM"
+    return sample_images(pipe, prompts, seeds, sampler, progress=progress), scheduler
 
 
 def bench(model: str, prompts: list[str], variants: list[Variant], evaluators: list[Any], out: Path,
@@ -87,7 +90,7 @@ def bench(model: str, prompts: list[str], variants: list[Variant], evaluators: l
     bar = tqdm(total=len(variants) * len(prompts), desc="bench", unit="image", dynamic_ncols=True)
     for v in variants:
         bar.set_postfix(variant=v.name)
-        images[v.name] = _draw(model, v, prompts, seeds, sampler, progress=bar.update)
+        images[v.name], scheduler = _draw(model, v, prompts, seeds, sampler, progress=bar.update)
         scores[v.name] = {e.name: np.asarray(e.score(images[v.name], prompts), dtype=np.float64) for e in evaluators}
         for e in evaluators:
             if hasattr(e, "details"):
@@ -95,7 +98,7 @@ def bench(model: str, prompts: list[str], variants: list[Variant], evaluators: l
     bar.close()
     results: dict[str, Any] = {
         "model": model, "prompts": len(prompts), "seed": seed, "baseline": baseline,
-        "sampler": {"scheduler": "DDIM", "steps": sampler.steps, "guidance_scale": sampler.guidance_scale,
+        "sampler": {"scheduler": scheduler, "steps": sampler.steps, "guidance_scale": sampler.guidance_scale,
                     "negative_prompt": sampler.negative_prompt, "resolution": sampler.resolution,
                     "dtype": sampler.dtype},
         "evaluators": [e.name for e in evaluators], "variants": {},

@@ -122,8 +122,10 @@ def test_bench_variants_on_an_sd3_model(sd3, tmp_path):
 
     lora = _random_lora(sd3, tmp_path / "lora", seed=1)
     seeds = [11, 12]
-    out = {kind: _draw(str(sd3), Variant(kind, kind, None if kind == "base" else str(lora)), PROMPTS, seeds, FAST)
-           for kind in ("base", "lora", "npo", "lora_cond")}
+    drawn = {kind: _draw(str(sd3), Variant(kind, kind, None if kind == "base" else str(lora)), PROMPTS, seeds, FAST)
+             for kind in ("base", "lora", "npo", "lora_cond")}
+    assert {scheduler for _, scheduler in drawn.values()} == {"flow-matching Euler"}  # what results.json states
+    out = {kind: images for kind, (images, _) in drawn.items()}
     arrays = {k: np.stack([np.asarray(im) for im in v]) for k, v in out.items()}
     for kind in ("lora", "npo", "lora_cond"):
         assert not np.array_equal(arrays[kind], arrays["base"]), kind
