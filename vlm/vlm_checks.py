@@ -45,7 +45,7 @@ from mm_align.vlm.formats import (
     load_llamafactory_entry,
     trl_row,
 )
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mm_align.data import DataError, DoctorReport, PreferencePair, RawRow, RecordCheck, UnpairedSample, doctor
 from mm_align.data.io import iter_source_rows
@@ -89,6 +89,8 @@ def _probe_bytes(digest: str, data: bytes) -> tuple[tuple[int, int] | None, str 
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return im.size, None
+    except UnidentifiedImageError:  # its message names the in-memory buffer, not the file
+        return None, "UnidentifiedImageError: not an image format PIL can read"
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         return None, f"{type(exc).__name__}: {exc}"
 

@@ -478,3 +478,52 @@ def test_llamafactory_jsonl_and_parquet_files_and_folders(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), folder / "c.parquet")
     with pytest.raises(DataError, match="the files of 'parts' must all be of one type"):
         read_llamafactory(root, dataset="parts")
+
+
+# ---- through the VLM adapter ---------------------------------------------------------------------------------------
+
+
+def test_the_same_pair_in_every_format_scores_the_same_through_the_adapter(tmp_path):
+    """One pair written as TRL's string form (jsonl, image file), TRL's conversational form (parquet, image bytes) and
+    a LLaMA-Factory ranking dataset, read by the adapter's own data formats (data.format trl_vision / llamafactory
+    through orchestration.read_data): the tiny LLaVA gives all three the same log-probs."""
+    import datasets
+    import torch
+    from datasets import Features, List, Value
+    from datasets import Image as ImageFeature
+
+    from mm_align import recipes
+    from mm_align.orchestration import read_data
+    from mm_align.run_config import DataConfig
+
+    from .tiny_vlms import draw_shape, make_tiny_llava
+
+    draw_shape(tmp_path / "lf" / "img" / "shape.png", "red")
+    image = tmp_path / "lf" / "img" / "shape.png"
+    question, good, bad = "What colour is the shape?", "red", "blue circle"
+    write_jsonl(tmp_path / "trl" / "t.jsonl", [{"images": [str(image)], "prompt": f"<image>{question}",
+                                                "chosen": good, "rejected": bad}])
+    message = List({"role": Value("string"), "content": List({"text": Value("string"), "type": Value("string")})})
+    features = Features({"images": List(ImageFeature()), "prompt": message, "chosen": message, "rejected": message})
+    datasets.Dataset.from_dict({
+        "images": [[{"bytes": image.read_bytes(), "path": None}]],
+        "prompt": [[{"role": "user", "content": [{"type": "image", "text": None},
+                                                 {"type": "text", "text": question}]}]],
+        "chosen": [assistant(good)], "rejected": [assistant(bad)]}, features=features).to_parquet(
+        str(tmp_path / "c.parquet"))
+    llamafactory_dir(tmp_path / "lf", [{"conversations": [{"from": "human", "value": f"<image>{question}"}],
+                                        "chosen": {"from": "gpt", "value": good},
+                                        "rejected": {"from": "gpt", "value": bad}, "images": ["img/shape.png"]}])
+    adapter = recipes.build_adapter("vlm", {"pretrained": str(make_tiny_llava(tmp_path / "llava")),
+                                            "max_length": 256})
+    records = []
+    for path, fmt in ((tmp_path / "trl" / "t.jsonl", "trl_vision"), (tmp_path / "c.parquet", "trl_vision"),
+                      (tmp_path / "lf", "llamafactory")):
+        result = read_data(adapter, str(path), DataConfig(train=str(path), format=fmt), "paired")
+        assert result.skipped == []
+        records += result.records
+    with torch.no_grad():
+        s = adapter.scores(adapter.collate(records, [0, 0, 0]), adapter.model)
+    assert torch.allclose(s.chosen, s.chosen[0].expand(3), atol=1e-5)
+    assert torch.allclose(s.rejected, s.rejected[0].expand(3), atol=1e-5)
+    assert s.chosen[0].item() != pytest.approx(s.rejected[0].item(), abs=1e-4)
