@@ -132,16 +132,16 @@ def convert(src: str | Path, dst: str | Path, src_format: str = "auto", dst_form
         raise DataError(f"{src}: --dataset and --media-dir are read for a llamafactory source only")
     result = read_vlm(src_p, fmt, strict, kind, **options)
     records = list(result.records)
+    if name is not None and dst_p.suffix.lower() in JSONL_SUFFIXES:
+        raise DataError(f"{dst}: --name is not read for a .jsonl destination (the file name is DST)")
     if to == "trl":
         if dst_p.suffix.lower() in JSONL_SUFFIXES:
-            written = write_trl_vision(records, dst_p.parent, name or dst_p.stem)
+            written = write_trl_vision(records, dst_p.parent, dst_p.stem)
         else:
             written = write_trl_vision(records, dst_p, name or "train")
     elif to == "llamafactory":
         written = write_llamafactory(records, dst_p, name or "train") / f"{name or 'train'}.json"
     else:
-        if name is not None:
-            raise DataError(f"{dst}: --name is not read for a jsonl destination (the file name is DST)")
         written = write_vlm_jsonl(records, dst_p)
     unit = "pairs" if kind == "paired" else "samples"
     return VLMConvertSummary(str(src), str(written), fmt, to, len(records), len(records), list(result.skipped),

@@ -32,6 +32,7 @@ IMAGES_DIR = "images"
 
 _PIL_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 _OWN_KEYS = frozenset({"images", "rejected_images"})
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _describe(index: int, record: Any) -> str:
@@ -172,6 +173,8 @@ def write_trl_vision(records: Any, out_dir: str | Path, name: str = "train", bas
             an image, or a meta value is not JSON-serialisable; the message names the record.
     """
     out = Path(out_dir)
+    if not _NAME.match(name):
+        raise DataError(f"{out}: file name stem {name!r} must be letters, digits, '.', '_' or '-'")
     records = list(records)
     target = out / f"{name}.jsonl"
     _check_kinds(records, target)
@@ -221,9 +224,6 @@ def _sharegpt_turns(ex: VLMExample, what: str) -> tuple[str | None, list[dict[st
     if len(turns) % 2 == 0:
         raise DataError(f"{what}: the prompt must end with a user turn to be written in the sharegpt format")
     return system, turns
-
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def write_llamafactory(records: Any, out_dir: str | Path, dataset_name: str, base_dir: str | Path | None = None

@@ -481,16 +481,19 @@ def _entry_for_file(data: dict[str, Any], dataset_dir: Path, file: Path) -> str 
 
 
 def _pick_entry(data: dict[str, Any], info: Path, kind: str) -> str:
-    local = [n for n, e in data.items() if isinstance(e, dict) and "file_name" in e]
-    fitting = [n for n in local if (data[n].get("ranking") is True if kind == "paired"
-                                    else bool((data[n].get("columns") or {}).get("kto_tag")))]
     if len(data) == 1:
         return next(iter(data))
+    local = [n for n, e in data.items() if isinstance(e, dict) and "file_name" in e]
+    if kind == "paired":
+        fitting, what = [n for n in local if data[n].get("ranking") is True], 'preference ("ranking": true)'
+    else:
+        fitting, what = [n for n in local if (data[n].get("columns") or {}).get("kto_tag")], "KTO (a kto_tag column)"
     if len(fitting) == 1:
         return fitting[0]
-    listed = ", ".join(fitting or local or list(data))
-    raise DataError(f"{info}: {len(fitting) or len(local) or len(data)} datasets could be read ({listed}); name one "
-                    f"(data.options.dataset=NAME, or --dataset NAME)")
+    if not fitting:
+        raise DataError(f"{info}: none of its datasets ({', '.join(data) or 'none'}) is a local {what} dataset")
+    raise DataError(f"{info}: {len(fitting)} {what.split(' (')[0]} datasets in it ({', '.join(fitting)}); name one "
+                    "(data.options.dataset=NAME, or --dataset NAME)")
 
 
 def _entry_files(dataset_dir: Path, file_name: str, info: Path, name: str) -> list[Path]:
@@ -761,6 +764,8 @@ def llamafactory_row(row: dict[str, Any], entry: LlamaFactoryEntry, kind: str = 
     meta = {k: v for k, v in row.items() if k not in mapped}
     rid = row.get("id")
     if kind == "unpaired":
+        if row.get(_REJECTED_IMAGES) is not None:
+            return "bad image: 'rejected_images' is for pairs (an image-side rejection), not unpaired samples"
         tag = row.get(c["kto_tag"])
         if not isinstance(tag, bool):
             return f"bad kto_tag: '{c['kto_tag']}' must be true or false, got {tag!r}"

@@ -108,7 +108,7 @@ def _probe_file(path: str, mtime_ns: int, size: int) -> tuple[tuple[int, int] | 
 
 
 def _probe(value: Any, base_dir: Path) -> tuple[tuple[int, int] | None, str | None] | None:
-    """``(size, error)`` of one image value; None for a value that is not a stored image (a PIL image)."""
+    """``(size, error)`` of one image value, fully decoded; None for a value that is not stored (a PIL image)."""
     if isinstance(value, dict):
         value = value["bytes"] if value.get("bytes") is not None else value.get("path")
     if isinstance(value, (bytes, bytearray)):
@@ -122,8 +122,6 @@ def _probe(value: Any, base_dir: Path) -> tuple[tuple[int, int] | None, str | No
         except OSError as exc:
             return None, f"cannot open: {exc.strerror or exc}"
         return _probe_file(str(path), stat.st_mtime_ns, stat.st_size)
-    if hasattr(value, "size") and hasattr(value, "convert"):
-        return tuple(value.size), None
     return None
 
 
@@ -141,17 +139,37 @@ def unreadable_image(record: Record, base_dir: Path) -> list[str]:
     return problems
 
 
+def _size(value: Any, base_dir: Path) -> tuple[int, int] | None:
+    """An image's size from its header (nothing decoded); None when it cannot be opened (unreadable_image says why)."""
+    if isinstance(value, dict):
+        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
+    if hasattr(value, "size") and hasattr(value, "convert"):
+        return tuple(value.size)
+    try:
+        if isinstance(value, (bytes, bytearray)):
+            with Image.open(io.BytesIO(value)) as im:
+                return im.size
+        if isinstance(value, str):
+            path = Path(value).expanduser()
+            with Image.open(path if path.is_absolute() else Path(base_dir) / path) as im:
+                return im.size
+    except Exception:  # unreadable: reported by unreadable_image
+        return None
+    return None
+
+
 def large_image(record: Record, base_dir: Path, max_pixels: int = LARGE_IMAGE_PIXELS) -> list[str]:
-    """Images of more than ``max_pixels`` pixels (:func:`vlm_doctor` reports them as WARNINGS).
+    """Images of more than ``max_pixels`` pixels (:func:`vlm_doctor` reports them as WARNINGS); the size is read
+    from the file's header.
 
     Returns:
         `list[str]`: e.g. ``"images[0]: /data/a.png is 8000x6000 px (48000000 pixels > 16777216)"``.
     """
     problems = []
     for name, value in image_fields(record):
-        probed = _probe(value, base_dir)
-        if probed is not None and probed[0] is not None and probed[0][0] * probed[0][1] > max_pixels:
-            w, h = probed[0]
+        size = _size(value, base_dir)
+        if size is not None and size[0] * size[1] > max_pixels:
+            w, h = size
             problems.append(f"{name}: {_label(value)} is {w}x{h} px ({w * h} pixels > {max_pixels})")
     return problems
 

@@ -134,6 +134,10 @@ def test_convert_errors(tmp_path, capsys):
         convert(src, src, dst_format="jsonl")
     with pytest.raises(DataError, match="--dataset and --media-dir are read for a llamafactory source only"):
         convert(src, tmp_path / "o", dst_format="trl", dataset="x")
+    with pytest.raises(DataError, match="--name is not read for a .jsonl destination"):
+        convert(src, tmp_path / "o.jsonl", dst_format="trl", name="n")
+    with pytest.raises(DataError, match="file name stem '../up' must be letters"):
+        write_trl_vision([], tmp_path / "o", name="../up")
     with pytest.raises(DataError, match="unknown VLM data format 'sharegpt'"):
         convert(src, tmp_path / "o", dst_format="sharegpt")
     assert convert_main([str(src), str(tmp_path / "x.parquet")]) == 2

@@ -388,7 +388,7 @@ def test_llamafactory_bad_rows_name_file_and_line(tmp_path):
 def test_llamafactory_entry_selection_and_errors(tmp_path):
     root = llamafactory_dir(tmp_path / "data")
     llamafactory_dir(root, name="other")
-    with pytest.raises(DataError, match=r"2 datasets could be read \(vlm_dpo, other\); name one"):
+    with pytest.raises(DataError, match=r"2 preference datasets in it \(vlm_dpo, other\); name one"):
         read_llamafactory(root)
     assert len(read_llamafactory(root, dataset="other").records) == 2
     with pytest.raises(DataError, match="no dataset 'nope'; its datasets: vlm_dpo, other"):
@@ -401,6 +401,9 @@ def test_llamafactory_entry_selection_and_errors(tmp_path):
         read_llamafactory(root, dataset="hub")
     with pytest.raises(DataError, match="dataset 'sft' is not a preference dataset"):
         read_llamafactory(root, dataset="sft")
+    (root / "dataset_info.json").write_text(json.dumps({"hub": info["hub"], "sft": info["sft"]}))
+    with pytest.raises(DataError, match=r"none of its datasets \(hub, sft\) is a local preference"):
+        read_llamafactory(root)
     with pytest.raises(DataError, match="not a LLaMA-Factory dataset directory"):
         load_llamafactory_entry(tmp_path)
     with pytest.raises(DataError, match="unknown llamafactory option\\(s\\) split"):
