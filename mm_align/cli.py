@@ -100,15 +100,18 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="validate a preference dataset before training", formatter_class=HelpFormatter)
     d.add_argument("data", help="jsonl file, parquet file or shard directory, or HF dataset directory "
-                                "(pair folders and Pick-a-Pic data: add --modality image)")
+                                "(pair folders and Pick-a-Pic data: add --modality image; LLaMA-Factory dataset dirs: "
+                                "add --modality vlm)")
     d.add_argument("--format", default="auto",
                    help="auto (from the path), jsonl, parquet or hf; with --modality image also pickapic or "
-                        "pair_folders; with --modality speech also manifest, voicebank or dns")
+                        "pair_folders; with --modality speech also manifest, voicebank or dns; with --modality vlm "
+                        "also trl or llamafactory")
     d.add_argument("--kind", choices=("paired", "unpaired"), default="paired",
                    help="paired: prompt, chosen, rejected; unpaired: prompt, completion, label")
     d.add_argument("--modality", default=None,
                    help="add the modality's own checks (image: corrupt/tiny images; speech: missing, unreadable, "
-                        "silent, clipped or NaN audio, length mismatches)")
+                        "silent, clipped or NaN audio, length mismatches; vlm: image/placeholder count mismatches, "
+                        "missing or unreadable images, empty or identical answers, large images)")
     d.add_argument("--sample-rate", type=int, default=None,
                    help="with --modality speech: the rate the audio should have (default 16000); others are flagged")
 

@@ -37,6 +37,7 @@ MODALITY_COMMANDS: dict[tuple[str, str], str] = {
     ("bench", "image"): "mm_align.image.bench:bench_main",
     ("convert", "image"): "mm_align.image.converters:convert_main",
     ("convert", "speech"): "mm_align.audio.converters:convert_main",
+    ("convert", "vlm"): "mm_align.vlm.converters:convert_main",
     ("generate", "speech"): "mm_align.audio.generate:generate_main",
     ("restore", "speech"): "mm_align.audio.restore:restore_main",
     ("bench", "speech"): "mm_align.audio.bench:bench_main",
@@ -55,6 +56,7 @@ QUICKSTARTS: dict[str, str] = {
 MODALITY_DOCTORS: dict[str, str] = {
     "image": "mm_align.image.image_checks:image_doctor",
     "speech": "mm_align.audio.speech_checks:speech_doctor",
+    "vlm": "mm_align.vlm.vlm_checks:vlm_doctor",
 }
 
 MODALITIES = ("image", "video", "vlm", "speech")

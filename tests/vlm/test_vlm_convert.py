@@ -15,7 +15,6 @@ from mm_align.vlm.vlm_records import load_image, vlm_example
 from PIL import Image
 
 from mm_align.data import DataError, PreferencePair, UnpairedSample
-from mm_align.recipes import MODALITY_COMMANDS
 
 from .test_vlm_formats import (
     COLOURS,
@@ -205,8 +204,6 @@ def test_written_trl_data_loads_in_trls_own_data_path(tmp_path):
         assert trl_data_utils.is_conversational(row)
 
 
-@pytest.mark.xfail(("convert", "vlm") not in MODALITY_COMMANDS, strict=True,
-                   reason="mm-align convert vlm is not registered in mm_align.recipes.MODALITY_COMMANDS yet")
 def test_cli_convert_vlm(tmp_path, capsys):
     from mm_align.cli import main
 

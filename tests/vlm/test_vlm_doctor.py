@@ -8,8 +8,6 @@ import json
 import pytest
 from mm_align.vlm.vlm_checks import vlm_doctor
 
-from mm_align.recipes import MODALITY_DOCTORS
-
 from .test_vlm_formats import (
     assistant,
     llamafactory_dir,
@@ -163,8 +161,6 @@ def test_unpaired_data(tmp_path):
     assert report.valid == 1
 
 
-@pytest.mark.xfail("vlm" not in MODALITY_DOCTORS, strict=True,
-                   reason="--modality vlm is not registered in mm_align.recipes.MODALITY_DOCTORS yet")
 def test_cli_doctor_modality_vlm(tmp_path, capsys):
     from mm_align.cli import main
 
