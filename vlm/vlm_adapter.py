@@ -63,7 +63,8 @@ __all__ = ["VLMAdapterConfig", "VLMAdapter", "VLM_FORMATS", "LM_PROJECTIONS", "r
            "language_model_name", "vision_tower_names", "default_lora_targets"]
 
 VLM_FORMATS = {"trl_vision": "mm_align.vlm.formats:read_trl_vision",
-               "llamafactory": "mm_align.vlm.formats:read_llamafactory"}
+               "llamafactory": "mm_align.vlm.formats:read_llamafactory",
+               "vlm_jsonl": "mm_align.vlm.formats:read_vlm_jsonl"}  # the normalised form, images checked at read time
 # the attention and MLP projections of the Llama / Qwen / Mistral / Gemma decoder families
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # where transformers' VLMs keep the vision encoder (on the model or its inner base model)
