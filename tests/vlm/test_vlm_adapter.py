@@ -99,7 +99,7 @@ def test_contract_config_and_lora_targets(world: dict[str, Path], tmp_path: Path
     adapter = _adapter(world, "llava")
     check_adapter(adapter, construction=True)
     assert adapter.score_kind == "logp" and adapter.stochastic_scores is False
-    assert set(adapter.dataset_formats) == {"trl_vision", "llamafactory"}
+    assert set(adapter.dataset_formats) == {"trl_vision", "llamafactory", "vlm_jsonl"}
     names = {n for n, _ in adapter.model.named_modules()}
     assert adapter.lora_target_modules and all(t in names for t in adapter.lora_target_modules)
     assert all(t.startswith("model.language_model.") for t in adapter.lora_target_modules)
