@@ -39,6 +39,7 @@ MODALITY_COMMANDS: dict[tuple[str, str], str] = {
     ("convert", "speech"): "mm_align.audio.converters:convert_main",
     ("convert", "vlm"): "mm_align.vlm.converters:convert_main",
     ("generate", "speech"): "mm_align.audio.generate:generate_main",
+    ("generate", "vlm"): "mm_align.vlm.generate:generate_main",
     ("restore", "speech"): "mm_align.audio.restore:restore_main",
     ("bench", "speech"): "mm_align.audio.bench:bench_main",
     ("bench", "vlm"): "mm_align.vlm.bench:bench_main",
