@@ -5,9 +5,10 @@ backgrounds) on a background, each at one of five positions (left, right, top, b
 shapes' colours, kinds and positions are all different and no shape has the background's colour, so every
 question below has exactly one answer. A scene is drawn by PIL at :data:`IMAGE_SIZE` = 64 px (drawn 4× larger and
 downsampled, anti-aliased as the image world's pictures are; the position and size of each shape jittered from a
-seed): 64 px keeps a shape 13–17 px wide, readable by a patch-8 vision tower (64 image tokens an image), fits three
-shapes at five positions without overlap, and still leaves a shape visible when four scenes are tiled into one
-collage, while a tiny LLaVA trains on it on two CPU cores in minutes.
+seed): 64 px keeps a shape 13–17 px wide, fits three shapes at five positions without overlap, and leaves a shape
+of several pixels when two to four scenes are tiled into one collage, while the images stay cheap to render and to
+encode (the shipped model's processor downsamples them to its 48 px tower: 36 image tokens an image, so two shared
+CPU cores train it in minutes).
 
 **Questions** (one of each kind that applies, per scene), with short answers:
 
@@ -50,11 +51,10 @@ from mm_align.vlm.answer_extraction import option_letters
 from PIL import Image, ImageDraw
 
 __all__ = ["IMAGE_SIZE", "POSITIONS", "QUESTION_KINDS", "SPLITS", "SceneObject", "Scene", "QAItem", "scene_split",
-           "sample_scenes", "render_scene", "scene_questions", "question_text", "answer_for", "choose_options",
-           "qa_items", "item_image",
-           "benchmark_row", "write_single_benchmark", "MULTI_FORMATS", "MULTI_IMAGE_COUNTS", "MultiItem",
-           "make_multi_item", "multi_items", "write_multi_benchmarks", "WEIGHTS_DIR", "shapes_vlm_dir",
-           "resolve_vlm"]
+           "sample_scenes", "render_scene", "scene_questions", "question_text", "answer_for", "answer_space",
+           "choose_options", "qa_items", "item_image", "benchmark_row", "write_single_benchmark", "MULTI_FORMATS",
+           "MULTI_IMAGE_COUNTS", "MultiItem", "make_multi_item", "multi_items", "write_multi_benchmarks",
+           "WEIGHTS_DIR", "MODEL_NAME", "shapes_vlm_dir", "resolve_vlm"]
 
 IMAGE_SIZE = 64
 POSITIONS = ("left", "right", "top", "bottom", "centre")
@@ -301,7 +301,8 @@ def answer_for(scene: Scene, kind: str, subject: str) -> str | None:
     raise ValueError(f"unknown question kind {kind!r}; valid: {', '.join(QUESTION_KINDS)}")
 
 
-def _answer_space(kind: str) -> tuple[str, ...]:
+def answer_space(kind: str) -> tuple[str, ...]:
+    """Every possible answer of a question of ``kind``."""
     return {"colour": tuple(COLOURS), "shape": SHAPES, "background": tuple(PALETTE),
             "count": tuple(str(i) for i in range(1, MAX_SHAPES + 1)), "position": POSITIONS}[kind]
 
@@ -311,7 +312,7 @@ def choose_options(kind: str, answer: str, rng: random.Random, prefer: list[str]
     """Multiple-choice options: the answer, the ``prefer`` red herrings first (other answers that a confused
     model might give), then random ones of the kind, :data:`N_OPTIONS` in all, shuffled; the count question always
     has the options 1, 2, 3 in order."""
-    space = _answer_space(kind)
+    space = answer_space(kind)
     if kind == "count":
         return space
     others = [p for p in dict.fromkeys(prefer) if p != answer and p in space]

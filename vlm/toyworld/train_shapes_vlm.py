@@ -17,12 +17,16 @@ only) on the world's TRAIN split only (:func:`mm_align.vlm.toyworld.shapes_vlm.q
 question, drawn at random: the bare question; the question with the bench's short-answer instruction; and the
 bench's multiple-choice rendering (:func:`mm_align.vlm.bench.item_text`: the options one a line and the
 option-letter instruction). The target is always the short answer text (``red``), which the bench's extraction
-reads as the option it names. A small share of steps' rows (``--multi-share``, default 0.1) are multi-image items
-made from TRAIN items by :func:`mm_align.vlm.mia_augment.augment` (sequence, grid, pic-in-pic), so multi-image
-prompts are familiar but the model stays imperfect on them: room for MIA-DPO.
+reads as the option it names. Every tenth step (``--multi-share 0.1``) is a multi-image step of half a batch: items
+made from TRAIN items by :func:`mm_align.vlm.mia_augment.augment` (sequence, grid, pic-in-pic, through
+:func:`mm_align.vlm.toyworld.shapes_vlm.make_multi_item`), so multi-image prompts are familiar but the model stays
+imperfect on them: room for MIA-DPO.
 
 Deterministic on a CPU: the data order, the option draws and the initialisation come from ``--seed`` and the thread
-count is fixed (``--threads``). At the end the dev split is scored through ``mm-align bench vlm``'s own path
+count is fixed (``--threads``, default 1: the same sums in the same order on any machine, and on two cores shared
+with other jobs one thread is as fast as two). The shipped model took 1000 steps of 32 rows (about 15 minutes on one
+shared core; ``training.json`` beside the weights records the settings, ``dev_accuracy.json`` the time). At the end
+the dev split is scored through ``mm-align bench vlm``'s own path
 (:func:`mm_align.vlm.bench.bench_vlm` on the benchmark files of :mod:`~mm_align.vlm.toyworld.shapes_vlm`), and the
 accuracies are written to ``dev_accuracy.json`` beside the weights.
 """
@@ -78,17 +82,17 @@ _EXTRA_WORDS = ("user assistant system image images picture in for the center ce
 class TrainConfig:
     """The training run's settings (the defaults are the shipped model's)."""
 
-    steps: int = 2400
+    steps: int = 1000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     warmup: int = 100
     weight_decay: float = 0.01
     train_scenes: int = 6000
     multi_share: float = 0.1
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     dev_scenes: int = 60
-    dev_multi_items: int = 150
+    dev_multi_items: int = 100
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.train_scenes < 1:
