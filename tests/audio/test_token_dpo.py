@@ -304,7 +304,8 @@ def test_cached_reference_trains_like_the_live_one(world: dict[str, Path], tmp_p
     assert len(live_rows) == len(cached_rows) == 4
     for a, b in zip(live_rows, cached_rows):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
-            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+            # relative too: a summed log-prob of ~ -224 carries float32 rounding of ~2e-5 from its batch
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-5), (a["step"], key)
     for k, v in live_state.items():
         assert torch.allclose(cached_state[k], v, atol=1e-5), k
 
