@@ -8,9 +8,10 @@ small ``CLIPTextModelWithProjection`` encoders and a small T5 encoder jointly wi
 :mod:`mm_align.image.flow_matching` (the functions the SD3 adapter scores with: one place decides ``x_t``,
 the velocity target, the σ density and the timestep), the caption dropped 10% of the time so
 classifier-free guidance works. The pipeline (``StableDiffusion3Pipeline`` layout) is saved with
-``save_pretrained`` (float32 safetensors, about 6 MB) next to a ``training_summary.json`` that holds the
-world oracle's accuracy on held-out and on training prompts, sampled as ``benchmarks/image_shapes.py``
-samples (20 Euler steps, CFG 5).
+``save_pretrained`` (float32 safetensors, about 5.5 MB, 3.7 of them the VAE) next to a
+``training_summary.json`` that holds the world oracle's accuracy on held-out and on training prompts,
+sampled as ``benchmarks/image_shapes.py`` samples (20 Euler steps, CFG 5), and on held-out renders passed
+through the VAE (the ceiling the VAE leaves).
 
 Decisions (the reasons in full are in the report of issue 14, item 5):
 
@@ -48,8 +49,8 @@ Decisions (the reasons in full are in the report of issue 14, item 5):
 Like the UNet model it is deliberately undertrained (1,500 steps of 32 images; each image costs about
 twice a UNet step's on a CPU, most of it in the 256 T5 tokens every SD3 pipeline call conditions on): on
 held-out prompts it often gets the colour or the shape wrong, which leaves preference methods something to
-fix. ``--snapshot-every N`` also saves the weights every N steps (the learning rate is constant after the
-warm-up, so a snapshot equals a shorter run).
+fix. ``--snapshot-every N`` also saves the weights every N steps; the learning rate depends on the step
+alone (warm-up, then constant), so the step-N snapshot equals a run with ``--steps N``.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ class ShapesFlowConfig:
                                                  "figures; None = all of each split, 0 = no evaluation.")
     eval_steps: int = option(20, help="Euler steps of the evaluation sampler (benchmarks/image_shapes.py's).")
     eval_guidance: float = option(5.0, help="CFG weight of the evaluation sampler (benchmarks/image_shapes.py's).")
-    snapshot_every: int = option(0, help="Also save <out>-stepN every N steps (0 = never); the schedule is "
-                                         "constant after warm-up, so they equal shorter runs.")
+    snapshot_every: int = option(0, help="Also save <out>-stepN every N steps (0 = never); each equals the run "
+                                         "with steps=N.")
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1:

@@ -47,6 +47,17 @@ def test_two_runs_write_identical_weights(runs):
     assert math.isfinite(summary["final_loss"]) and "oracle" not in summary  # --eval-prompts 0
 
 
+def test_a_snapshot_equals_the_shorter_run(runs, tmp_path):
+    a, _ = runs
+    script.train(tmp_path / "long", _tiny(steps=STEPS + 1, snapshot_every=STEPS), log=lambda _: None)
+    snapshot = tmp_path / f"long-step{STEPS}"
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(snapshot) for p in snapshot.rglob("*.safetensors"))
+    assert all((a / f).read_bytes() == (snapshot / f).read_bytes() for f in files)
+    transformer = Path("transformer") / "diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "long" / transformer).read_bytes() != (a / transformer).read_bytes()
+
+
 def test_the_shipped_vae_and_tokenizer_are_reused_with_sd3_factors(runs):
     """The VAE's weights are the shapes-sd VAE's, bitwise; its factors are recalibrated (shift_factor numeric:
     SD3 decodes latents / scaling + shift); the CLIP tokenizer is the shipped one."""
