@@ -76,10 +76,10 @@ def codec() -> SpeechCodec:
 
 @pytest.fixture(scope="module")
 def trained(codec: SpeechCodec) -> dict:
-    """Both restorers (and the codec) after 40 supervised steps on the toy task (degraded = clean + noise)."""
+    """Both restorers (and the codec) after 80 supervised steps on the toy task (degraded = clean + noise)."""
     out: dict = {"codec": codec}
     for name, model in (("masked", _masked()), ("ar", _ar())):
-        losses = train_restorer(model, codec, DEGRADED, CLEAN, steps=40, batch_size=8, crop_seconds=0.5, lr=1e-2)
+        losses = train_restorer(model, codec, DEGRADED, CLEAN, steps=80, batch_size=8, crop_seconds=0.5, lr=1e-2)
         out[name] = (model, losses)
     return out
 
@@ -263,7 +263,8 @@ def test_chunked_restoration_equals_unchunked(codec: SpeechCodec, trained, parad
     least a quarter overlap (≥ the receptive field) from the chunk's edges, so the chunks see the same inputs as
     the unchunked pass there and decode the same tokens; what remains is float32 rounding of convolutions and
     FFTs over different lengths (~1e-7 relative here). A flipped token shows as a difference of percents of the
-    peak: with an eighth of that overlap the chunks no longer agree (the check bites)."""
+    peak: with a thirty-second of that overlap the chunks no longer agree (the check bites; an eighth was
+    still enough context for the masked model trained on this machine's float kernels)."""
     model = trained[paradigm][0]
     wave = _degrade(torch.cat([_utterance(60 + i) for i in range(4)]), 60)  # (64000,), 4 s
     overlap = exact_overlap_seconds(model, codec, steps=3)
@@ -275,7 +276,7 @@ def test_chunked_restoration_equals_unchunked(codec: SpeechCodec, trained, parad
     assert tokens.unique().numel() > 4  # a restoration that varies, not one repeated code
     peak = float(whole.abs().max())
     assert float((chunked - whole).abs().max()) <= 1e-5 * peak
-    short = restore(model, codec, wave, SR, chunk_seconds=2.5 * overlap, overlap_seconds=overlap / 8, **kw)
+    short = restore(model, codec, wave, SR, chunk_seconds=2.5 * overlap, overlap_seconds=overlap / 32, **kw)
     assert float((short - whole).abs().max()) > 1e-3 * peak
 
 
