@@ -24,8 +24,9 @@ imperfect on them: room for MIA-DPO.
 
 Deterministic on a CPU: the data order, the option draws and the initialisation come from ``--seed`` and the thread
 count is fixed (``--threads``, default 1: the same sums in the same order on any machine, and on two cores shared
-with other jobs one thread is as fast as two). The shipped model took 1000 steps of 32 rows (about 15 minutes on one
-shared core; ``training.json`` beside the weights records the settings, ``dev_accuracy.json`` the time). At the end
+with other jobs one thread is as fast as two). The shipped model took 1000 steps of 32 rows (488 s with its dev
+evaluation on one shared core; ``training.json`` beside the weights records the settings, ``dev_accuracy.json`` the
+time). At the end
 the dev split is scored through ``mm-align bench vlm``'s own path
 (:func:`mm_align.vlm.bench.bench_vlm` on the benchmark files of :mod:`~mm_align.vlm.toyworld.shapes_vlm`), and the
 accuracies are written to ``dev_accuracy.json`` beside the weights.
