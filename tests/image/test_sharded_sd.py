@@ -82,5 +82,7 @@ def test_sharded_unet_lora_equals_one_process(tmp_path, setup, engine, wrap):
     a, b = load_file(str(tmp_path / "one" / LORA)), load_file(str(tmp_path / "two" / LORA))
     assert a.keys() == b.keys() and a
     assert all(a[k].shape == b[k].shape for k in a)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    # 2e-5: ZeRO-3 reduces the gradients of its 2 shards in another order than one process sums them; after 3
+    # Adam steps that float32 rounding reached 1.1e-5 on one of our VMs (and stayed under 1e-5 on another)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 2e-5
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)  # it trained
