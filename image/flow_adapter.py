@@ -30,8 +30,6 @@ of the other family is refused with a message naming both (one class does the wo
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -436,27 +434,23 @@ class FlowMatchingAdapter:
         Raises:
             ValueError: ``lora`` is set but ``model`` holds no peft LoRA adapter.
         """
-        from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
-        from mm_align.image.toyworld.shapes import resolve_model
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
+        from mm_align.image.lora_export import (
+            load_base_pipeline,
+            peft_lora_config,
+            save_full_component,
+            write_merged_pipeline,
+        )
         from peft.utils import get_peft_model_state_dict
 
         from mm_align.lora import ADAPTER_NAME
 
         out = Path(output_dir)
         if not lora:
-            out.mkdir(parents=True, exist_ok=True)
-            kw = {} if state_dict is None else {"state_dict": state_dict}
-            model.save_pretrained(out / "transformer", **kw)  # type: ignore[operator]
+            save_full_component(model, out, "transformer", state_dict)
             return
-        peft_config = getattr(model, "peft_config", {}).get(ADAPTER_NAME)
-        if peft_config is None:
-            raise ValueError(f"cannot save a LoRA: {type(model).__name__} holds no peft adapter {ADAPTER_NAME!r} "
-                             f"(adapters: {sorted(getattr(model, 'peft_config', {}))})")
-        base = None
-        if self.config.save_merged:  # load the base first: a bad model.pretrained fails before any file is written
-            kw = {"revision": self.config.revision} if self.config.revision else {}
-            with quiet_loading():
-                base = DiffusionPipeline.from_pretrained(resolve_model(self.config.pretrained), **kw)
+        peft_config = peft_lora_config(model)
+        base = load_base_pipeline(self.config.pretrained, self.config.revision) if self.config.save_merged else None
         lora_state = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=ADAPTER_NAME)
         state = {k: v.detach().cpu().contiguous() for k, v in lora_state.items()}
         pipeline = StableDiffusion3Pipeline if self.family == "sd3" else FluxPipeline
@@ -464,17 +458,7 @@ class FlowMatchingAdapter:
         pipeline.save_lora_weights(out, transformer_lora_layers=state, safe_serialization=True,
                                    transformer_lora_adapter_metadata=peft_config.to_dict())
         if base is not None:
-            with quiet_loading():
-                base.load_lora_weights(out)
-            base.fuse_lora()
-            base.unload_lora_weights()
-            tmp = out / ".merged.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            base.save_pretrained(tmp)
-            if (out / "merged").exists():
-                shutil.rmtree(out / "merged")
-            os.replace(tmp, out / "merged")
+            write_merged_pipeline(base, out)
 
 
 class SD3Adapter(FlowMatchingAdapter):
