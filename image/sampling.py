@@ -116,7 +116,11 @@ def load_pipeline(pretrained: str, lora: str | None = None, npo_lora: str | None
     from mm_align.image.loading import quiet_loading
 
     with quiet_loading():
-        pipe = DiffusionPipeline.from_pretrained(pretrained, dtype=getattr(torch, cfg.dtype))
+        # components saved as absent ([null, null] in model_index.json, e.g. SD3 without T5) must be passed as
+        # None, or diffusers refuses to rebuild the pipeline
+        absent = {k: None for k, v in DiffusionPipeline.load_config(pretrained).items()
+                  if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is None and v[1] is None}
+        pipe = DiffusionPipeline.from_pretrained(pretrained, dtype=getattr(torch, cfg.dtype), **absent)
         from mm_align.image.flow_sampling import check_flow_lora_slots, is_flow_pipeline
 
         if is_flow_pipeline(pipe):  # SD3/FLUX: their own flow-matching Euler scheduler

@@ -152,3 +152,10 @@ def test_generate_image_takes_an_sd3_model(sd3, tmp_path):
     result = generate(str(sd3), prompts, tmp_path / "gen", [ShapesOracle()], samples_per_prompt=2, sampler=FAST)
     assert result.samples == 4 and (tmp_path / "gen" / "pairs.parquet").is_file()
     assert len(list((tmp_path / "gen" / "samples").glob("*.png"))) == 4
+
+
+def test_an_sd3_saved_without_t5_loads_and_samples(tmp_path):
+    """model_index.json holds [null, null] for text_encoder_3 / tokenizer_3: load_pipeline passes them as None."""
+    pipe = load_pipeline(str(save_tiny_sd3(tmp_path / "no_t5", with_t5=False)), cfg=FAST)
+    assert pipe.text_encoder_3 is None
+    assert len(sample_images(pipe, PROMPTS[:1], [3], FAST)) == 1
