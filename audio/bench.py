@@ -43,7 +43,7 @@ import sys
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,9 @@ from mm_align.audio.metrics import SpeechMetric, build_metrics
 from tqdm.auto import tqdm
 
 from mm_align.atomic import atomic_write_json, atomic_write_text
-from mm_align.config import library_versions, option
+from mm_align.config import library_versions, option, replace_checked
 from mm_align.help_format import HelpFormatter
-from mm_align.stats import paired_bootstrap
+from mm_align.stats import paired_comparison
 
 logger = logging.getLogger(__name__)
 
@@ -228,11 +228,7 @@ def default_metrics(clips: Sequence[InputClip], asr: str | Path | None) -> tuple
 
 
 def _config(config: SpeechBenchConfig | None, overrides: dict[str, Any]) -> SpeechBenchConfig:
-    valid = [f.name for f in fields(SpeechBenchConfig)]
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise TypeError(f"unknown bench speech option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    return replace(config or SpeechBenchConfig(), **overrides)
+    return replace_checked(config or SpeechBenchConfig(), overrides, "bench speech option")
 
 
 def _models(models: Mapping[str, str | Path] | Sequence[BenchModel]) -> list[BenchModel]:
@@ -263,8 +259,7 @@ def _entry(scores: list[float], direction: str) -> dict[str, Any]:
 
 
 def _compare(a: list[float], b: list[float], higher: bool, cfg: SpeechBenchConfig) -> dict[str, Any]:
-    vs = paired_bootstrap(a, b, higher_is_better=higher, n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
-    return {**vs, "improved": vs["ci"][0] > 0, "worse": vs["ci"][1] < 0}
+    return paired_comparison(a, b, higher_is_better=higher, n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
 
 
 def bench_speech(

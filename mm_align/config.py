@@ -48,6 +48,7 @@ __all__ = [
     "library_versions",
     "write_resolved",
     "describe",
+    "replace_checked",
 ]
 
 T = TypeVar("T")
@@ -555,3 +556,15 @@ def describe(cls: type, prefix: str = "") -> str:
         line = f"{prefix}{f.name}: {_type_name(tp)} = {_default_repr(f)}"
         lines.append(f"{line}  # {help_text}" if help_text else line)
     return "\n".join(lines)
+
+
+def replace_checked(config: T, overrides: Mapping[str, Any], what: str) -> T:
+    """``dataclasses.replace(config, **overrides)``, with an unknown key an error naming it and the valid ones.
+
+    ``what`` names the settings in the message, e.g. ``"bench speech option"``.
+    """
+    valid = [f.name for f in dataclasses.fields(config)]  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown {what}(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return dataclasses.replace(config, **overrides)  # type: ignore[type-var]

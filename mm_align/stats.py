@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["WinRate", "win_rate", "wilson_interval", "mean_interval", "paired_bootstrap"]
+__all__ = ["WinRate", "win_rate", "wilson_interval", "mean_interval", "paired_bootstrap", "paired_comparison"]
 
 Z95 = 1.959963984540054  # the two-sided 95% normal quantile
 
@@ -150,3 +150,11 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], higher_is_better: b
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return {"mean_diff": float(d.mean()), "ci": [float(low), float(high)], "n": n, "n_boot": int(n_boot),
             "level": float(level), "seed": int(seed)}
+
+
+def paired_comparison(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True, n_boot: int = 10000,
+                      seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """:func:`paired_bootstrap` of ``a`` over ``b``, flagged ``improved`` when the interval lies wholly above 0 and
+    ``worse`` when wholly below (what every bench command reports per model and metric)."""
+    vs = paired_bootstrap(a, b, higher_is_better=higher_is_better, n_boot=n_boot, seed=seed, level=level)
+    return {**vs, "improved": vs["ci"][0] > 0, "worse": vs["ci"][1] < 0}

@@ -308,3 +308,18 @@ def test_yaml_no_is_read_back_as_the_literal_no(tmp_path):
     assert load_config(RunConfig, path).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="must be one of"):
         load_config(RunConfig, None, ["train.mixed_precision=yes"])  # no literal spells True
+
+
+def test_replace_checked_names_unknown_keys():
+    from dataclasses import dataclass
+
+    from mm_align.config import replace_checked
+
+    @dataclass
+    class Settings:
+        seed: int = 0
+        steps: int = 8
+
+    assert replace_checked(Settings(), {"steps": 3}, "bench option") == Settings(0, 3)
+    with pytest.raises(TypeError, match=r"unknown bench option\(s\) stepz; valid: seed, steps"):
+        replace_checked(Settings(), {"stepz": 3}, "bench option")

@@ -68,3 +68,12 @@ def test_errors():
         paired_bootstrap([1.0], [1.0], level=1.0)
     with pytest.raises(ValueError, match="n_boot"):
         paired_bootstrap([1.0], [1.0], n_boot=0)
+
+
+def test_paired_comparison_flags_the_side_of_zero():
+    from mm_align.stats import paired_comparison
+
+    better = paired_comparison([1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0], n_boot=200)
+    assert better["mean_diff"] == 1.0 and better["improved"] and not better["worse"]
+    lower_better = paired_comparison([1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0], higher_is_better=False, n_boot=200)
+    assert lower_better["worse"] and not lower_better["improved"]

@@ -45,7 +45,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,10 @@ from mm_align.vlm.vlm_records import load_image, prompt_messages
 from tqdm.auto import tqdm
 
 from mm_align.atomic import atomic_write_json, atomic_write_text
-from mm_align.config import library_versions, option
+from mm_align.config import library_versions, option, replace_checked
 from mm_align.help_format import HelpFormatter
 from mm_align.report import BENCH_PAGE_CSS
-from mm_align.stats import paired_bootstrap
+from mm_align.stats import paired_comparison
 
 logger = logging.getLogger(__name__)
 
@@ -268,17 +268,12 @@ def _accuracy_entry(correct: list[int], items: list[BenchItem]) -> dict[str, Any
 
 
 def _compare(a: list[int], b: list[int], cfg: VLMBenchConfig) -> dict[str, Any]:
-    vs = paired_bootstrap(a, b, higher_is_better=True, n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
-    return {**vs, "improved": vs["ci"][0] > 0, "worse": vs["ci"][1] < 0}
+    return paired_comparison(a, b, higher_is_better=True, n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
 def _config(config: VLMBenchConfig | None, overrides: dict[str, Any]) -> VLMBenchConfig:
-    valid = [f.name for f in fields(VLMBenchConfig)]
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise TypeError(f"unknown bench vlm option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    return replace(config or VLMBenchConfig(), **overrides)
+    return replace_checked(config or VLMBenchConfig(), overrides, "bench vlm option")
 
 
 def _models(models: Mapping[str, str | Path] | Sequence[BenchModel]) -> list[BenchModel]:
