@@ -280,47 +280,64 @@ def _cite_images(text: str, row: dict[str, Any], base: Path, origin: str, images
     return _MMMU_IMAGE.sub(cite, text)
 
 
+def _answered_parquet_rows(root: Path, split: str, required: tuple[str, ...], items: list[Any],
+                           skipped: dict[str, int], max_items: int | None
+                           ) -> Iterator[tuple[Path, str, dict[str, Any]]]:
+    """``(file, origin, row)`` of the split's parquet rows that have a gold answer, until ``items`` (which the
+    caller fills) holds ``max_items``; a row without an answer is counted under ``NO_ANSWER`` in ``skipped``."""
+    for file in _parquet_files(root, split):
+        for origin, row in _parquet_rows(file, required):
+            if max_items is not None and len(items) >= max_items:
+                return
+            if _no_answer(row["answer"]):
+                skipped[NO_ANSWER] = skipped.get(NO_ANSWER, 0) + 1
+                continue
+            yield file, origin, row
+
+
+def _image_column(row: dict[str, Any], key: str, file: Path, origin: str) -> list[Any]:
+    """A column holding the item's images as a non-empty list."""
+    raw = row[key]
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{origin}: '{key}' must be a non-empty list of images")
+    return [_image_value(v, file.parent, origin, f"{key}[{i}]") for i, v in enumerate(raw)]
+
+
 def read_mmmu(path: str | Path, split: str = "validation", max_items: int | None = None) -> BenchSet:
     """MMMU from its Hugging Face parquet files (module docstring)."""
     root = Path(path)
     items: list[BenchItem] = []
     skipped: dict[str, int] = {}
-    for file in _parquet_files(root, split):
-        if max_items is not None and len(items) >= max_items:
-            break
-        for origin, row in _parquet_rows(file, ("id", "question", "options", "answer", "question_type")):
-            if max_items is not None and len(items) >= max_items:
-                break
-            qtype = _text(row, "question_type", origin)
-            if _no_answer(row["answer"]):
-                skipped[NO_ANSWER] = skipped.get(NO_ANSWER, 0) + 1
-                continue
-            question = _text(row, "question", origin)
-            images: list[Any] = []
+    columns = ("id", "question", "options", "answer", "question_type")
+    rows = _answered_parquet_rows(root, split, columns, items, skipped, max_items)
+    for file, origin, row in rows:
+        qtype = _text(row, "question_type", origin)
+        question = _text(row, "question", origin)
+        images: list[Any] = []
 
-            if qtype == "multiple-choice":
-                options = _option_list(row["options"], origin)
-                question = _cite_images(question, row, file.parent, origin, images)
-                options = [_cite_images(o, row, file.parent, origin, images) for o in options]
-                answer: str | list[str] = _letter(row["answer"], options, origin)
-                kind: Kind = "multiple_choice"
-            elif qtype == "open":
-                options = None
-                question = _cite_images(question, row, file.parent, origin, images)
-                answer = str(row["answer"])
-                if answer.lstrip().startswith("["):
-                    answer = _option_list(answer, origin, "answer")
-                kind = "open"
-            else:
-                raise DataError(f"{origin}: question_type must be 'multiple-choice' or 'open', got {qtype!r}")
-            if not images:  # no citation: every image the row has, first
-                images = [_image_value(row[f"image_{k}"], file.parent, origin, f"image_{k}")
-                          for k in range(1, 8) if row.get(f"image_{k}") is not None]
-            item_id = str(_need(row, "id", origin))
-            m = re.match(r"^[a-z]+_(.+)_\d+$", item_id)
-            subset = m.group(1) if m else _subset_from_folder(file, root)
-            items.append(BenchItem(item_id, images, _place_images(question, options, len(images), origin), options,
-                                   answer, kind, subset, origin=origin))
+        if qtype == "multiple-choice":
+            options = _option_list(row["options"], origin)
+            question = _cite_images(question, row, file.parent, origin, images)
+            options = [_cite_images(o, row, file.parent, origin, images) for o in options]
+            answer: str | list[str] = _letter(row["answer"], options, origin)
+            kind: Kind = "multiple_choice"
+        elif qtype == "open":
+            options = None
+            question = _cite_images(question, row, file.parent, origin, images)
+            answer = str(row["answer"])
+            if answer.lstrip().startswith("["):
+                answer = _option_list(answer, origin, "answer")
+            kind = "open"
+        else:
+            raise DataError(f"{origin}: question_type must be 'multiple-choice' or 'open', got {qtype!r}")
+        if not images:  # no citation: every image the row has, first
+            images = [_image_value(row[f"image_{k}"], file.parent, origin, f"image_{k}")
+                      for k in range(1, 8) if row.get(f"image_{k}") is not None]
+        item_id = str(_need(row, "id", origin))
+        m = re.match(r"^[a-z]+_(.+)_\d+$", item_id)
+        subset = m.group(1) if m else _subset_from_folder(file, root)
+        items.append(BenchItem(item_id, images, _place_images(question, options, len(images), origin), options,
+                               answer, kind, subset, origin=origin))
     return BenchSet("mmmu", str(root), split if root.is_dir() else None, items, skipped)
 
 
@@ -329,25 +346,19 @@ def read_blink(path: str | Path, split: str = "val", max_items: int | None = Non
     root = Path(path)
     items: list[BenchItem] = []
     skipped: dict[str, int] = {}
-    for file in _parquet_files(root, split):
-        if max_items is not None and len(items) >= max_items:
-            break
-        for origin, row in _parquet_rows(file, ("idx", "question", "choices", "answer", "image_1")):
-            if max_items is not None and len(items) >= max_items:
-                break
-            if _no_answer(row["answer"]):
-                skipped[NO_ANSWER] = skipped.get(NO_ANSWER, 0) + 1
-                continue
-            options = _option_list(row["choices"], origin, "choices")
-            images = [_image_value(row[f"image_{k}"], file.parent, origin, f"image_{k}")
-                      for k in range(1, 5) if row.get(f"image_{k}") is not None]
-            if not images:
-                raise DataError(f"{origin}: the row has no image (image_1 is empty)")
-            question = _text(row, "question", origin)
-            subset = row.get("sub_task") or _subset_from_folder(file, root)
-            items.append(BenchItem(str(row["idx"]), images, _place_images(question, options, len(images), origin),
-                                   options, _letter(row["answer"], options, origin), "multiple_choice", subset,
-                                   origin=origin, meta={"prompt": row.get("prompt")}))
+    columns = ("idx", "question", "choices", "answer", "image_1")
+    rows = _answered_parquet_rows(root, split, columns, items, skipped, max_items)
+    for file, origin, row in rows:
+        options = _option_list(row["choices"], origin, "choices")
+        images = [_image_value(row[f"image_{k}"], file.parent, origin, f"image_{k}")
+                  for k in range(1, 5) if row.get(f"image_{k}") is not None]
+        if not images:
+            raise DataError(f"{origin}: the row has no image (image_1 is empty)")
+        question = _text(row, "question", origin)
+        subset = row.get("sub_task") or _subset_from_folder(file, root)
+        items.append(BenchItem(str(row["idx"]), images, _place_images(question, options, len(images), origin),
+                               options, _letter(row["answer"], options, origin), "multiple_choice", subset,
+                               origin=origin, meta={"prompt": row.get("prompt")}))
     return BenchSet("blink", str(root), split if root.is_dir() else None, items, skipped)
 
 
@@ -365,31 +376,22 @@ def read_mantis_eval(path: str | Path, split: str = "test", max_items: int | Non
     root = Path(path)
     items: list[BenchItem] = []
     skipped: dict[str, int] = {}
-    for file in _parquet_files(root, split):
-        if max_items is not None and len(items) >= max_items:
-            break
-        for origin, row in _parquet_rows(file, ("id", "question_type", "question", "images", "options", "answer")):
-            if max_items is not None and len(items) >= max_items:
-                break
-            if _no_answer(row["answer"]):
-                skipped[NO_ANSWER] = skipped.get(NO_ANSWER, 0) + 1
-                continue
-            qtype = _text(row, "question_type", origin)
-            raw_images = row["images"]
-            if not isinstance(raw_images, list) or not raw_images:
-                raise DataError(f"{origin}: 'images' must be a non-empty list of images")
-            images = [_image_value(v, file.parent, origin, f"images[{i}]") for i, v in enumerate(raw_images)]
-            question = _text(row, "question", origin)
-            if qtype == "multi-choice":
-                options: list[str] | None = _strip_own_letter(_option_list(row["options"], origin))
-                answer = _letter(row["answer"], options, origin)
-                kind: Kind = "multiple_choice"
-            elif qtype == "short-answer":
-                options, answer, kind = None, str(row["answer"]), "open"
-            else:
-                raise DataError(f"{origin}: question_type must be 'multi-choice' or 'short-answer', got {qtype!r}")
-            items.append(BenchItem(str(row["id"]), images, _place_images(question, options, len(images), origin),
-                                   options, answer, kind, row.get("category"), origin=origin))
+    columns = ("id", "question_type", "question", "images", "options", "answer")
+    rows = _answered_parquet_rows(root, split, columns, items, skipped, max_items)
+    for file, origin, row in rows:
+        qtype = _text(row, "question_type", origin)
+        images = _image_column(row, "images", file, origin)
+        question = _text(row, "question", origin)
+        if qtype == "multi-choice":
+            options: list[str] | None = _strip_own_letter(_option_list(row["options"], origin))
+            answer = _letter(row["answer"], options, origin)
+            kind: Kind = "multiple_choice"
+        elif qtype == "short-answer":
+            options, answer, kind = None, str(row["answer"]), "open"
+        else:
+            raise DataError(f"{origin}: question_type must be 'multi-choice' or 'short-answer', got {qtype!r}")
+        items.append(BenchItem(str(row["id"]), images, _place_images(question, options, len(images), origin),
+                               options, answer, kind, row.get("category"), origin=origin))
     return BenchSet("mantis", str(root), split if root.is_dir() else None, items, skipped)
 
 
@@ -398,25 +400,16 @@ def read_muirbench(path: str | Path, split: str = "test", max_items: int | None 
     root = Path(path)
     items: list[BenchItem] = []
     skipped: dict[str, int] = {}
-    for file in _parquet_files(root, split):
-        if max_items is not None and len(items) >= max_items:
-            break
-        for origin, row in _parquet_rows(file, ("idx", "task", "question", "options", "answer", "image_list")):
-            if max_items is not None and len(items) >= max_items:
-                break
-            if _no_answer(row["answer"]):
-                skipped[NO_ANSWER] = skipped.get(NO_ANSWER, 0) + 1
-                continue
-            raw_images = row["image_list"]
-            if not isinstance(raw_images, list) or not raw_images:
-                raise DataError(f"{origin}: 'image_list' must be a non-empty list of images")
-            images = [_image_value(v, file.parent, origin, f"image_list[{i}]") for i, v in enumerate(raw_images)]
-            options = _option_list(row["options"], origin)
-            question = _text(row, "question", origin)
-            meta = {k: row.get(k) for k in ("image_relation", "image_type", "counterpart_idx") if k in row}
-            items.append(BenchItem(str(row["idx"]), images, _place_images(question, options, len(images), origin),
-                                   options, _letter(row["answer"], options, origin), "multiple_choice",
-                                   row.get("task"), origin=origin, meta=meta))
+    columns = ("idx", "task", "question", "options", "answer", "image_list")
+    rows = _answered_parquet_rows(root, split, columns, items, skipped, max_items)
+    for file, origin, row in rows:
+        images = _image_column(row, "image_list", file, origin)
+        options = _option_list(row["options"], origin)
+        question = _text(row, "question", origin)
+        meta = {k: row.get(k) for k in ("image_relation", "image_type", "counterpart_idx") if k in row}
+        items.append(BenchItem(str(row["idx"]), images, _place_images(question, options, len(images), origin),
+                               options, _letter(row["answer"], options, origin), "multiple_choice",
+                               row.get("task"), origin=origin, meta=meta))
     return BenchSet("muirbench", str(root), split if root.is_dir() else None, items, skipped)
 
 
