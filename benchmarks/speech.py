@@ -43,7 +43,7 @@ SEED = 0
 SAMPLER_STEPS = 8
 # paradigm -> overrides of its shipped recipe (speech_<paradigm>_dpo.yaml)
 DPO: dict[str, dict[str, Any]] = {
-    "flow": {"train.beta": 500, "train.learning_rate": 1e-3, "train.max_steps": 120},
+    "flow": {"train.beta": 500, "train.learning_rate": 1e-4, "train.batch_size": 4, "train.max_steps": 120},
     "masked": {"train.beta": 0.1, "train.learning_rate": 1e-3, "train.max_steps": 120},
     "ar": {"train.beta": 0.1, "train.learning_rate": 1e-3, "train.max_steps": 120},
 }
@@ -163,12 +163,18 @@ def _delta(models: dict[str, Any], name: str, metric: str) -> str:
     return f"{c['mean_diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]{mark}"
 
 
+def _clips(inputs: Any) -> Any:
+    """The number of bench clips (the bench's ``inputs`` entry is a dict with ``clips``)."""
+    return inputs.get("clips", inputs) if isinstance(inputs, dict) else inputs
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Speech world: GenSR-Pref DPO per paradigm ({results['split']} split)", "",
              f"Pairs from {SAMPLES} samples of each of the first {TRAIN_INPUTS} train utterances; multi-metric = "
              f"unanimous over {', '.join(PAIR_METRICS)}; single-metric = best vs worst by {SINGLE_METRIC}. "
-             f"Bench: {results['bench_inputs']} {results['split']} clips, one restoration seed per clip shared "
-             "by every model; Δ = model − base, oriented so that > 0 is better; 95% paired bootstrap intervals.",
+             f"Bench: {_clips(results['bench_inputs'])} {results['split']} clips, one restoration seed per clip "
+             "shared by every model; Δ = model − base, oriented so that > 0 is better; 95% paired bootstrap "
+             "intervals.",
              ""]
     for paradigm, res in results["paradigms"].items():
         models = res["bench"]["models"]
