@@ -4,7 +4,7 @@
     mm-align generate|evaluate|bench|convert MODALITY [args ...]
     mm-align doctor DATA [--format F] [--kind paired|unpaired] [--modality M]
     mm-align report RUN_DIR
-    mm-align quickstart [--output-dir DIR] [--world shapes|speech|synthetic] [--steps N]
+    mm-align quickstart [--output-dir DIR] [--world shapes|speech|vlm|synthetic] [--steps N]
     mm-align ls [losses|adapters|configs|keys|accelerate [NAME]]
 
 Every command also runs as ``accelerate launch -m mm_align.cli COMMAND ...``.
@@ -123,9 +123,9 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=HelpFormatter)
     q.add_argument("--output-dir", default="runs/quickstart",
                    help="where the data, the run and the report go (default: runs/quickstart)")
-    q.add_argument("--world", choices=("shapes", "speech", "synthetic"), default="shapes",
+    q.add_argument("--world", choices=("shapes", "speech", "vlm", "synthetic"), default="shapes",
                    help="shapes: text-to-image on the shapes world; speech: speech restoration on the speech world; "
-                        "synthetic: the core toy world")
+                        "vlm: MIA-DPO on the shapes VLM world; synthetic: the core toy world")
     q.add_argument("--steps", type=int, default=None, help="training steps (default: the world's own)")
 
     ls = sub.add_parser("ls", help="list losses, adapters, shipped configs, config keys and accelerate configs",

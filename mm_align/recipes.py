@@ -49,6 +49,7 @@ MODALITY_COMMANDS: dict[tuple[str, str], str] = {
 QUICKSTARTS: dict[str, str] = {
     "shapes": "mm_align.image.quickstart:run_shapes_quickstart",
     "speech": "mm_align.audio.quickstart:run_speech_quickstart",
+    "vlm": "mm_align.vlm.quickstart:run_vlm_quickstart",
     "synthetic": "mm_align.quickstart:run_quickstart",
 }
 
