@@ -54,7 +54,7 @@ __all__ = ["IMAGE_SIZE", "POSITIONS", "QUESTION_KINDS", "SPLITS", "SceneObject",
            "sample_scenes", "render_scene", "scene_questions", "question_text", "answer_for", "answer_space",
            "choose_options", "qa_items", "item_image", "benchmark_row", "write_single_benchmark", "MULTI_FORMATS",
            "MULTI_IMAGE_COUNTS", "MultiItem", "make_multi_item", "multi_items", "write_multi_benchmarks",
-           "WEIGHTS_DIR", "MODEL_NAME", "shapes_vlm_dir", "resolve_vlm"]
+           "WEIGHTS_DIR", "MODEL_NAME", "shapes_vlm_dir", "resolve_vlm", "write_source"]
 
 IMAGE_SIZE = 64
 POSITIONS = ("left", "right", "top", "bottom", "centre")
@@ -364,6 +364,32 @@ def qa_items(split: str, n_scenes: int, seed: int = WORLD_SEED, kinds: tuple[str
 def item_image(item: QAItem, size: int = IMAGE_SIZE) -> Image.Image:
     """The rendered image of an item's scene."""
     return render_scene(item.scene, item.seed, size)
+
+
+def write_source(out_dir: str | Path, split: str = "train", n_scenes: int = 100, seed: int = WORLD_SEED,
+                 kinds: tuple[str, ...] = QUESTION_KINDS) -> Path:
+    """Single-image items of ``split`` as the input of ``mm-align generate vlm``: ``out_dir/source.jsonl`` (one
+    ``{"id", "image", "question", "answer"}`` a line, the image path relative to the file) and
+    ``out_dir/images/<scene>.png``. MIA-DPO's pairs are built from these (the ground truth is the only label).
+
+    Returns:
+        The path of ``source.jsonl``.
+    """
+    import json
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for item in qa_items(split, n_scenes, seed, kinds):
+        rel = f"images/{_scene_id(item)}.png"
+        if not (out / rel).is_file():
+            item_image(item).save(out / rel)
+        lines.append(json.dumps({"id": item.id, "image": rel, "question": item.question, "answer": item.answer}))
+    path = out / "source.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def _png(image: Image.Image) -> dict[str, Any]:
