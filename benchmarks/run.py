@@ -19,7 +19,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {"loop_overhead": "loop_overhead", "image_step": "image_step", "image_shapes": "image_shapes",
               "fingerprint": "fingerprint", "speech_metrics": "speech_metrics", "speech_flow_step": "speech_flow_step",
-              "speech_token_step": "speech_token_step", "speech": "speech", "vlm_step": "vlm_step"}
+              "speech_token_step": "speech_token_step", "speech": "speech", "vlm_step": "vlm_step",
+              "vlm_shapes": "vlm_shapes"}
 
 
 def main(argv: list[str] | None = None) -> int:
