@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -151,9 +152,13 @@ def screenshot(page: Path, png: Path, width: int = 1400, height: int = 5100) -> 
     if browser is None:
         print("no chromium on PATH: screenshot skipped (apt install chromium)")
         return False
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={width},{height}", f"--screenshot={png}", page.resolve().as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    # No network here: without the background-networking flags Chromium retries blocked connections at start.
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--disable-quic",
+                        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                        "--disable-sync", f"--user-data-dir={profile}", f"--window-size={width},{height}",
+                        f"--screenshot={png}", page.resolve().as_uri()],
+                       check=True, capture_output=True, timeout=120)
     return png.is_file() and png.stat().st_size > 0
 
 
