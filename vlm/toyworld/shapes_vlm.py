@@ -51,7 +51,8 @@ from mm_align.vlm.answer_extraction import option_letters
 from PIL import Image, ImageDraw
 
 __all__ = ["IMAGE_SIZE", "POSITIONS", "QUESTION_KINDS", "SPLITS", "SceneObject", "Scene", "QAItem", "scene_split",
-           "sample_scenes", "render_scene", "scene_questions", "question_text", "answer_for", "answer_space",
+           "sample_scenes", "scene_boxes",
+           "render_scene", "scene_questions", "question_text", "answer_for", "answer_space",
            "choose_options", "qa_items", "item_image", "benchmark_row", "write_single_benchmark", "MULTI_FORMATS",
            "MULTI_IMAGE_COUNTS", "MultiItem", "make_multi_item", "multi_items", "write_multi_benchmarks",
            "WEIGHTS_DIR", "MODEL_NAME", "shapes_vlm_dir", "resolve_vlm", "write_source"]
@@ -226,20 +227,26 @@ def render_scene(scene: Scene, seed: int, size: int = IMAGE_SIZE) -> Image.Image
     return _render_cached(scene, seed, size).copy()
 
 
-@lru_cache(maxsize=8192)
-def _render_cached(scene: Scene, seed: int, size: int) -> Image.Image:
+def scene_boxes(scene: Scene, seed: int) -> list[tuple[float, float, float, float]]:
+    """Each object's bounding box in the rendered image, as fractions of the side ``(x0, y0, x1, y1)``, in
+    ``scene.objects`` order (the jitter :func:`render_scene` draws from ``seed``)."""
     rng = random.Random(seed)
-    scale = 4
-    big = size * scale
-    image = Image.new("RGB", (big, big), PALETTE[scene.background])
-    draw = ImageDraw.Draw(image)
+    boxes = []
     for o in scene.objects:
         ax, ay = _ANCHORS[o.position]
-        side = rng.uniform(0.20, 0.26) * big
-        cx = (ax + rng.uniform(-0.03, 0.03)) * big
-        cy = (ay + rng.uniform(-0.03, 0.03)) * big
-        box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-        _draw_shape(draw, o.shape, box, COLOURS[o.colour])
+        side = rng.uniform(0.20, 0.26)
+        cx, cy = ax + rng.uniform(-0.03, 0.03), ay + rng.uniform(-0.03, 0.03)
+        boxes.append((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+    return boxes
+
+
+@lru_cache(maxsize=8192)
+def _render_cached(scene: Scene, seed: int, size: int) -> Image.Image:
+    big = size * 4
+    image = Image.new("RGB", (big, big), PALETTE[scene.background])
+    draw = ImageDraw.Draw(image)
+    for o, box in zip(scene.objects, scene_boxes(scene, seed)):
+        _draw_shape(draw, o.shape, tuple(v * big for v in box), COLOURS[o.colour])
     return image.resize((size, size), Image.LANCZOS)
 
 
